@@ -1,0 +1,227 @@
+"""Config parsing and validation, the rank layout, and the LR schedule (train.py)."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import train
+from distributed import run_on_ranks
+
+
+def cfg_of(*overrides: str, path: str | None = "configs/debug.yaml") -> train.Config:
+    return train.load_config(path, list(overrides))
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing
+
+
+def test_yaml_and_overrides_typed():
+    cfg = cfg_of("training.steps=20", "training.lr=1e-3", "compile=true", "model.n_layers=2",
+                 "checkpoint.load=null", "parallel.dp_shard=-1")
+    assert cfg.training.steps == 20 and isinstance(cfg.training.steps, int)
+    assert cfg.training.lr == 1e-3 and isinstance(cfg.training.lr, float)
+    assert cfg.compile is True
+    assert cfg.model.overrides == {"n_layers": 2}
+    assert train.validate(cfg, 1).model_args.n_layers == 2
+    # int accepted where a float is expected, and stored as float
+    assert isinstance(cfg_of("training.lr=1").training.lr, float)
+
+
+def test_every_shipped_config_validates_with_its_layout():
+    for name, world, layout in [
+        ("debug", 1, "pp1 dp1x1 cp1 tp1"),
+        ("llama3_8b", 8, "pp1 dp1x8 cp1 tp1"),
+        ("llama3_70b", 256, "pp1 dp1x32 cp1 tp8"),
+        ("llama3_405b", 512, "pp8 dp1x8 cp1 tp8"),
+    ]:
+        plan = train.validate(cfg_of(path=f"configs/{name}.yaml"), world)
+        assert plan.layout == layout, name
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = cfg_of("model.n_layers=3", "training.steps=7")
+    path = tmp_path / "config.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(train.config_to_dict(cfg)))
+    again = train.load_config(str(path), [])
+    assert train.config_to_dict(again) == train.config_to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("training.stepz=3", ["training.stepz", "training.steps"]),
+        ("trainin.steps=3", ["trainin.steps", "training"]),
+        ("model.n_layerz=2", ["model.n_layerz", "model.n_layers"]),
+        ("training.steps=abc", ["training.steps", "'abc'", "int"]),
+        ("training.steps=true", ["training.steps", "bool", "int"]),
+        ("training.lr=fast", ["training.lr", "float"]),
+        ("training.dtype=fp16", ["training.dtype", "fp16", "bfloat16"]),
+        ("training.optimizer=lion", ["training.optimizer", "lion", "adamw"]),
+        ("parallel.pp_schedule=magic", ["parallel.pp_schedule", "magic", "1f1b"]),
+        ("float8.recipe=blockwise", ["float8.recipe", "blockwise", "rowwise"]),
+        ("activation_checkpoint.mode=some", ["activation_checkpoint.mode", "some"]),
+        ("training=3", ["training", "section"]),
+        ("compile.x=1", ["compile", "not a section"]),
+        ("training.steps", ["key=value"]),
+        ("model.name=llama3_9b", ["llama3_9b", "llama3_8b"]),
+    ],
+)
+def test_bad_keys_and_types_name_the_key(override, words):
+    with pytest.raises(ValueError) as err:
+        train.validate(cfg_of(override), 1)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+@pytest.mark.parametrize(
+    "overrides, world, words",
+    [
+        # degrees that do not multiply to the world size
+        (["parallel.tp=2", "parallel.dp_shard=2"], 2, ["multiply to 4", "world size is 2"]),
+        (["parallel.tp=3"], 4, ["not divisible", "3"]),
+        (["parallel.tp=0"], 1, ["parallel.tp=0"]),
+        # heads not divisible by tp (debug: 8 heads, 4 KV heads)
+        (["parallel.tp=8", "training.batch_size=8"], 8, ["parallel.tp=8", "n_kv_heads=4"]),
+        (["parallel.tp=3", "model.n_heads=4", "model.dim=256"], 3, ["parallel.tp=3", "n_heads=4"]),
+        # seq_len not divisible by 2*cp
+        (["parallel.cp=2", "data.seq_len=250"], 2, ["data.seq_len=250", "2 * parallel.cp = 4"]),
+        # layers fewer than stages
+        (["parallel.pp=4", "parallel.pp_stages_per_rank=2", "parallel.pp_schedule=interleaved_1f1b"], 4,
+         ["n_layers=4", "8"]),
+        # batch arithmetic
+        (["training.batch_size=12", "training.micro_batch_size=8"], 1, ["batch_size=12", "micro_batch_size=8"]),
+        (["training.batch_size=16", "training.micro_batch_size=4"], 3, ["batch_size=16", "12"]),
+        (["parallel.pp=2", "training.micro_batch_size=6", "training.batch_size=12",
+          "parallel.pp_microbatches=4"], 2, ["micro_batch_size=6", "pp_microbatches=4"]),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], 2, ["pp_stages_per_rank >= 2"]),
+        (["model.dim=100", "model.n_heads=8"], 1, ["model.dim=100", "n_heads=8"]),
+        (["model.n_kv_heads=3"], 1, ["n_heads=8", "n_kv_heads=3"]),
+        (["data.seq_len=5000"], 1, ["data.seq_len=5000", "max_seq_len=4096"]),
+        (["training.warmup_steps=400"], 1, ["warmup_steps=400"]),
+        (["activation_checkpoint.mode=selective", "activation_checkpoint.selective_option=x"], 1,
+         ["selective_option='x'"]),
+    ],
+)
+def test_impossible_layouts_are_refused(overrides, world, words):
+    with pytest.raises(ValueError) as err:
+        train.validate(cfg_of(*overrides), world)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_derived_values():
+    plan = train.validate(cfg_of("training.batch_size=32", "training.micro_batch_size=4",
+                                 "parallel.dp_replicate=2", "parallel.tp=2"), 8)
+    assert plan.degrees == {"pp": 1, "dp_replicate": 2, "dp_shard": 2, "cp": 1, "tp": 2}
+    assert plan.dp_size == 4 and plan.grad_accum == 2 and plan.global_tokens == 32 * 256
+
+
+def test_unimplemented_techniques_are_refused_not_ignored():
+    cfg = cfg_of("float8.enabled=true")
+    with pytest.raises(NotImplementedError, match="float8.enabled=true"):
+        train.check_available(cfg, train.validate(cfg, 1))
+    cfg = cfg_of("parallel.tp=2")
+    with pytest.raises(NotImplementedError, match="parallel.tp=2"):
+        train.check_available(cfg, train.validate(cfg, 2))
+
+
+# ---------------------------------------------------------------------------------------
+# Rank layout [pp, dp_replicate, dp_shard, cp, tp], tp innermost (pure arithmetic)
+
+
+def _reference_groups(degrees: dict, dims: tuple) -> list[list[int]]:
+    """Brute force: ranks sharing every coordinate outside `dims` form one group."""
+    world = math.prod(degrees.values())
+    by_key: dict = {}
+    for r in range(world):
+        c = train.rank_coords(degrees, r)
+        key = tuple(c[d] for d in train.DIMS if d not in dims)
+        by_key.setdefault(key, []).append(r)
+    return sorted(sorted(g) for g in by_key.values())
+
+
+LAYOUTS = [
+    dict(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=1),
+    dict(pp=1, dp_replicate=1, dp_shard=2, cp=1, tp=2),
+    dict(pp=2, dp_replicate=1, dp_shard=2, cp=1, tp=2),
+    dict(pp=2, dp_replicate=2, dp_shard=2, cp=1, tp=2),
+    dict(pp=2, dp_replicate=1, dp_shard=2, cp=2, tp=2),
+    dict(pp=1, dp_replicate=2, dp_shard=1, cp=2, tp=4),
+    dict(pp=4, dp_replicate=1, dp_shard=1, cp=1, tp=4),
+]
+
+
+@pytest.mark.parametrize("degrees", LAYOUTS, ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))
+def test_group_membership(degrees):
+    world = math.prod(degrees.values())
+    # coordinates: tp innermost, pp outermost
+    for r in range(world):
+        c = train.rank_coords(degrees, r)
+        rebuilt = 0
+        for d in train.DIMS:
+            rebuilt = rebuilt * degrees[d] + c[d]
+        assert rebuilt == r
+    assert train.rank_coords(degrees, 1)["tp"] == (1 if degrees["tp"] > 1 else 0)
+    for name, dims in train.GROUPS.items():
+        groups = train.group_ranks(degrees, dims)
+        assert sorted(sorted(g) for g in groups) == _reference_groups(degrees, dims), name
+        # a partition of the world into groups of the product of the dims' degrees
+        assert sorted(r for g in groups for r in g) == list(range(world))
+        assert all(len(g) == math.prod(degrees[d] for d in dims) for g in groups)
+
+
+def test_known_layout_by_hand():
+    d = dict(pp=2, dp_replicate=1, dp_shard=2, cp=2, tp=2)  # 16 ranks
+    assert train.group_ranks(d, ("tp",))[:2] == [[0, 1], [2, 3]]
+    assert train.group_ranks(d, ("cp",))[0] == [0, 2]
+    assert train.group_ranks(d, ("dp_shard",))[0] == [0, 4]
+    assert train.group_ranks(d, ("pp",))[0] == [0, 8]
+    assert train.group_ranks(d, ("dp_shard", "cp"))[0] == [0, 2, 4, 6]
+    assert train.group_ranks(d, ("dp_replicate", "dp_shard", "cp"))[1] == [1, 3, 5, 7]
+
+
+def _real_groups(rank, world, degrees):
+    groups = train.build_groups(degrees, rank)
+    out = {}
+    for name, group in groups.items():
+        # which world ranks are in my group: gather ranks over it
+        t = torch.tensor([rank])
+        gathered = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, t, group=group)
+        out[name] = sorted(int(x) for x in gathered)
+    return out
+
+
+def test_real_gloo_groups_match_arithmetic():
+    degrees = dict(pp=2, dp_replicate=1, dp_shard=1, cp=1, tp=2)
+    results = run_on_ranks(_real_groups, 4, degrees, timeout=120)
+    for rank, groups in enumerate(results):
+        for name, dims in train.GROUPS.items():
+            expected = next(g for g in train.group_ranks(degrees, dims) if rank in g)
+            assert groups[name] == expected, (rank, name)
+
+
+# ---------------------------------------------------------------------------------------
+# LR schedule
+
+
+def test_lr_schedule_shapes():
+    t = train.TrainingConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert train.lr_at(1, t) == pytest.approx(0.1)
+    assert train.lr_at(10, t) == pytest.approx(1.0)
+    for decay in ("cosine", "linear", "wsd"):
+        t.decay = decay
+        lrs = [train.lr_at(s, t) for s in range(1, 101)]
+        assert lrs[-1] == pytest.approx(0.1), decay  # ends at the minimum
+        assert all(a >= b - 1e-12 for a, b in zip(lrs[9:], lrs[10:])), decay  # non-increasing after warmup
+    t.decay = "cosine"
+    assert train.lr_at(55, t) == pytest.approx(0.55)  # halfway: midpoint of max and min
+    t.decay = "wsd"
+    t.wsd_decay_fraction = 0.2
+    assert train.lr_at(82, t) == pytest.approx(1.0)  # stable until the last 20%
+    assert train.lr_at(91, t) == pytest.approx(1.0 - 0.9 * 0.5)

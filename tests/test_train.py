@@ -1,0 +1,167 @@
+"""Single-process training (train.py): the loss falls, metrics and config are written,
+gradient accumulation and activation checkpointing do not change the math, compile
+works on CPU, signals stop the run cleanly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny model on the builtin corpus: seconds per run.
+TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        "data.seq_len=32", "training.batch_size=8", "training.micro_batch_size=8",
+        "training.warmup_steps=2", "run.eval_every=0", "run.log_every=1"]
+
+
+def run(tmp_path, *overrides: str) -> list[dict]:
+    return train.main(["--config", os.path.join(ROOT, "configs/debug.yaml"), *TINY,
+                       f"run.dir={tmp_path}", f"data.cache_dir={os.path.join(ROOT, '.cache/data')}",
+                       *overrides])
+
+
+def losses(history: list[dict]) -> list[float]:
+    return [r["loss"] for r in history]
+
+
+def test_loss_falls_and_metrics_are_written(tmp_path):
+    history = run(tmp_path, "training.steps=40", "training.lr=1e-2", "run.eval_every=20", "run.eval_steps=2")
+    assert [r["step"] for r in history] == list(range(1, 41))
+    last = sum(losses(history)[-5:]) / 5
+    assert last < history[0]["loss"] - 1.5, losses(history)  # from ~8.3 = ln(4096)
+    assert history[39]["val_loss"] < history[19]["val_loss"] < history[0]["loss"] - 1.0
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert lines == history
+    for key in ("step", "loss", "grad_norm", "lr", "tokens_per_sec", "mfu", "memory_gb", "elapsed_s"):
+        assert key in lines[0], key
+    assert lines[0]["tokens_per_sec"] > 0 and lines[0]["mfu"] > 0
+    written = yaml.safe_load(open(tmp_path / "config.yaml"))
+    assert written["training"]["steps"] == 40 and written["model"]["dim"] == 64
+
+
+def test_first_loss_matches_the_init(tmp_path):
+    """At init the final norm gives unit-RMS features and the output weights have std
+    dim^-0.5, so the logits are ~N(0, 1): the expected first loss is ln(vocab) + 1/2."""
+    first = run(tmp_path, "training.steps=2", "training.dtype=float32")[0]["loss"]
+    assert abs(first - (torch.log(torch.tensor(4096.0)).item() + 0.5)) < 0.15
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_gradient_accumulation_is_exact(tmp_path, optimizer):
+    """8 sequences per step as 1 x 8, 2 x 4 or 4 x 2 micro-batches: the same step, to
+    float64 rounding (the loss convention: sum / global tokens, then plain sums)."""
+    ref = losses(run(tmp_path / "a", "training.steps=5", "training.dtype=float64",
+                     f"training.optimizer={optimizer}", "training.lr=0.05"))
+    for micro in (4, 2):
+        got = losses(run(tmp_path / f"m{micro}", "training.steps=5", "training.dtype=float64",
+                         f"training.optimizer={optimizer}", "training.lr=0.05",
+                         f"training.micro_batch_size={micro}"))
+        assert got == pytest.approx(ref, rel=1e-12, abs=0), (micro, got, ref)
+    assert ref[-1] < ref[0]
+
+
+@pytest.mark.parametrize("mode, option", [("full", "op"), ("selective", "op"), ("selective", "2")])
+def test_activation_checkpointing_does_not_change_the_math(tmp_path, mode, option):
+    ref = losses(run(tmp_path / "ref", "training.steps=4", "training.dtype=float32"))
+    got = losses(run(tmp_path / "ac", "training.steps=4", "training.dtype=float32",
+                     f"activation_checkpoint.mode={mode}", f"activation_checkpoint.selective_option={option}"))
+    assert got == ref  # bitwise: CPU kernels are deterministic and recompute is exact
+
+
+def test_activation_checkpointing_is_applied():
+    import llama
+
+    args = llama.model_args("debug", n_layers=4)
+    for mode, option, expected in [("full", "op", [1, 1, 1, 1]), ("selective", 2, [0, 1, 0, 1]),
+                                   ("selective", "op", [1, 1, 1, 1]), ("none", "op", [0, 0, 0, 0])]:
+        model = llama.build_model(args)
+        train.apply_activation_checkpointing(model, mode, option)
+        assert [int(b.checkpoint_fn is not None) for b in model.layers.values()] == expected, (mode, option)
+
+
+def test_selective_op_policy_saves_matmuls_and_attention():
+    """Count what the op policy saves on a block: every mm and the attention, nothing else."""
+    import llama
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    seen = []
+
+    def spy(ctx, op, *a, **k):
+        decision = train._sac_policy(ctx, op, *a, **k)
+        if not ctx.is_recompute:
+            seen.append((str(op), decision))
+        return decision
+
+    args = llama.model_args("debug", dim=64, n_heads=4, n_kv_heads=2, n_layers=1)
+    model = llama.build_model(args, "cpu")
+    llama.init_weights(model, args, 0)
+    import functools
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    model.layers["0"].checkpoint_fn = functools.partial(
+        checkpoint, use_reentrant=False, context_fn=functools.partial(create_selective_checkpoint_contexts, spy))
+    model(torch.randint(0, 4096, (2, 16))).sum().backward()
+    saved = [op for op, d in seen if d == CheckpointPolicy.MUST_SAVE]
+    assert saved.count("aten.mm.default") == 7  # wq wk wv wo w1 w2 w3
+    assert saved.count("aten._scaled_dot_product_flash_attention_for_cpu.default") == 1
+    assert len(saved) == 8
+
+
+def test_compile_matches_eager(tmp_path):
+    ref = losses(run(tmp_path / "eager", "training.steps=3", "training.dtype=float32"))
+    got = losses(run(tmp_path / "compiled", "training.steps=3", "training.dtype=float32", "compile=true"))
+    assert got == pytest.approx(ref, rel=1e-4)
+
+
+def test_clip_grad_norm_matches_torch():
+    a = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b):
+        p.grad = torch.randn_like(p) * 10
+        q.grad = p.grad.clone()
+    ours = train.clip_grad_norm(a, 1.0)
+    theirs = torch.nn.utils.clip_grad_norm_(b, 1.0)
+    assert torch.allclose(ours, theirs)
+    for p, q in zip(a, b):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_vocab_too_small_for_tokenizer(tmp_path):
+    with pytest.raises(ValueError, match="model.vocab_size=1000"):
+        run(tmp_path, "model.vocab_size=1000")
+
+
+def test_sigterm_stops_after_the_current_step(tmp_path):
+    """SIGTERM mid-run: the step in flight finishes, its metrics are logged, exit 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "--config", "configs/debug.yaml", *TINY, "training.steps=100000",
+         f"run.dir={tmp_path}", f"data.cache_dir={os.path.join(ROOT, '.cache/data')}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopping after step" in out and "SIGTERM" in out, out
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert f"stopping after step {last['step']}" in out
+    assert last["step"] < 100000
+
+
+def test_bad_config_exits_with_a_message(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "--config", "configs/debug.yaml", "training.stepz=1"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "training.stepz" in out.stderr and "training.steps" in out.stderr

@@ -1,0 +1,787 @@
+"""Pretrain Llama 3 with composable parallelism: the recipe, read top to bottom.
+
+    python train.py --config configs/debug.yaml                          # one process
+    torchrun --nproc_per_node 4 train.py --config configs/debug.yaml parallel.tp=2
+
+`main()` is a numbered recipe: config -> distributed init -> process groups -> data ->
+model on the meta device -> parallelize (fixed order) -> materialize and init ->
+optimizer -> loop. The parallel techniques live one per file and take their process
+groups as arguments; this is the only file that reads the environment.
+
+Config: YAML sections mirror the dataclasses below one to one; `key.sub=value` on the
+command line overrides. An unknown key, a wrong type or an impossible layout stops the
+run before any work, with a message naming the key, the value and the fix.
+
+Loss and gradients (DESIGN.md): every micro-batch loss is the SUM of its token losses
+divided by the number of tokens in the GLOBAL batch, so summing gradients over
+micro-batches and ranks (plain SUM reductions everywhere) gives exactly the gradient of
+the mean loss over the global batch, the same as one process computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+import data
+import llama
+
+# ---------------------------------------------------------------------------------------
+# 1. Config: typed dataclasses, mirrored one to one by the YAML sections
+
+
+@dataclass
+class ModelConfig:
+    name: str = "debug"  # a preset in llama.PRESETS
+    # Any llama.ModelArgs field may also be given here (e.g. model.n_layers: 2); they are
+    # kept in `overrides`, type-checked against ModelArgs.
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "builtin"  # builtin, or a path / glob of .txt, .jsonl, .bin
+    tokenizer: str = "builtin"  # builtin, or a tiktoken ranks file (Llama 3 tokenizer.model)
+    seq_len: int = 256
+    cache_dir: str = ".cache/data"  # tokenized builtin / text datasets are cached here
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 300
+    batch_size: int = 16  # global sequences per optimizer step
+    micro_batch_size: int = 8  # sequences per rank per forward
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    decay: str = "cosine"  # cosine | linear | wsd (warmup-stable-decay)
+    wsd_decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    max_norm: float = 1.0  # gradient clipping by global norm; <= 0 disables clipping
+    optimizer: str = "adamw"  # adamw | sgd
+    weight_decay: float = 0.1  # on matrices only, not on norms
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.0  # sgd
+    seed: int = 0
+    dtype: str = "bfloat16"  # compute dtype: bfloat16 | float32 | float64
+    deterministic: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the other degrees leave of the world size
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = True
+    loss_parallel: bool = True
+    async_tp: bool = False
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zero_bubble
+    pp_microbatches: int = 0  # 0: one per pipeline stage
+    pp_stages_per_rank: int = 1
+
+
+@dataclass
+class Float8Config:
+    enabled: bool = False
+    recipe: str = "tensorwise"  # tensorwise | rowwise
+
+
+@dataclass
+class ActivationCheckpointConfig:
+    mode: str = "none"  # none | full | selective
+    # selective: "op" keeps matmul and attention outputs and recomputes the rest;
+    # an integer k checkpoints every k-th block fully.
+    selective_option: str | int = "op"
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every N steps; 0 = never
+    keep: int = 3
+    async_save: bool = False
+    load: str | None = None  # latest | a path | null
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/debug"
+    log_every: int = 10
+    eval_every: int = 100  # 0 = never
+    eval_steps: int = 4  # validation batches per evaluation
+    peak_flops: float = 0.0  # per device, for MFU; 0 = by device name or measured on CPU
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    float8: Float8Config = field(default_factory=Float8Config)
+    activation_checkpoint: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    compile: bool = False  # torch.compile each transformer block
+
+
+CHOICES = {
+    "training.decay": ("cosine", "linear", "wsd"),
+    "training.optimizer": ("adamw", "sgd"),
+    "training.dtype": ("bfloat16", "float32", "float64"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
+    "float8.recipe": ("tensorwise", "rowwise"),
+    "activation_checkpoint.mode": ("none", "full", "selective"),
+}
+
+
+def _field_type(cls: type, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _check_type(key: str, value, annotation) -> object:
+    """Return value if it fits the annotation (int accepted for float), else raise."""
+    hint = typing.get_args(annotation) or (annotation,)  # `str | None` -> (str, NoneType)
+    if value is None and type(None) in hint:
+        return None
+    for t in hint:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if t is not float and t is not type(None) and isinstance(value, t):
+            if t is int and isinstance(value, bool):
+                continue
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in hint)
+    raise ValueError(f"config key {key}={value!r} has type {type(value).__name__}; expected {names}")
+
+
+def _unknown_key(key: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    """Set a dotted key (e.g. training.steps) with type checking."""
+    section_name, _, name = key.partition(".")
+    top = {f.name: f for f in dataclasses.fields(Config)}
+    if section_name not in top:
+        raise _unknown_key(key, list(top))
+    if not name:  # a top-level scalar such as `compile`
+        if dataclasses.is_dataclass(getattr(cfg, section_name)):
+            raise ValueError(f"config key {key!r} is a section; give keys under it, e.g. {key}.<name>=...")
+        setattr(cfg, key, _check_type(key, value, _field_type(Config, key)))
+        return
+    section = getattr(cfg, section_name)
+    if not dataclasses.is_dataclass(section):
+        raise ValueError(f"config key {section_name!r} is a value, not a section; cannot set {key!r}")
+    if section_name == "model" and name != "name":
+        arg_fields = {f.name: f for f in dataclasses.fields(llama.ModelArgs)}
+        if name not in arg_fields:
+            raise _unknown_key(key, ["model.name"] + [f"model.{n}" for n in arg_fields])
+        section.overrides[name] = _check_type(key, value, _field_type(llama.ModelArgs, name))
+        return
+    names = {f.name for f in dataclasses.fields(section)}
+    if name not in names:
+        raise _unknown_key(key, [f"{section_name}.{n}" for n in names])
+    value = _check_type(key, value, _field_type(type(section), name))
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ValueError(f"config key {key}={value!r} is not one of {list(CHOICES[key])}")
+    setattr(section, name, value)
+
+
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"training": {"steps": 20}} -> {"training.steps": 20}"""
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def load_config(path: str | None, overrides: list[str]) -> Config:
+    """YAML file, then `key=value` overrides (values parsed as YAML: 20, true, null, 1e-3)."""
+    cfg = Config()
+    if path is not None:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: expected a mapping of sections at the top level")
+        for key, value in _flatten(tree).items():
+            _set(cfg, key, value)
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ValueError(f"command-line override {item!r} must look like key=value, e.g. training.steps=20")
+        _set(cfg, key.strip(), yaml.safe_load(raw))
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    tree = dataclasses.asdict(cfg)
+    tree["model"] = {"name": cfg.model.name, **cfg.model.overrides}
+    return tree
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Validation: everything that can be known before any work
+
+
+DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # world rank layout, tp innermost
+
+
+def resolve_degrees(p: ParallelConfig, world_size: int) -> dict[str, int]:
+    """The five degrees, with dp_shard = -1 resolved. Raises unless they multiply to the world."""
+    degrees = {d: getattr(p, d) for d in DIMS}
+    for d, n in degrees.items():
+        if n < 1 and not (d == "dp_shard" and n == -1):
+            raise ValueError(f"parallel.{d}={n} must be >= 1" + (" (or -1 for the rest)" if d == "dp_shard" else ""))
+    others = math.prod(n for d, n in degrees.items() if d != "dp_shard")
+    if degrees["dp_shard"] == -1:
+        if world_size % others:
+            raise ValueError(
+                f"world size {world_size} is not divisible by pp*dp_replicate*cp*tp = {others}; "
+                f"change the degrees or the number of processes"
+            )
+        degrees["dp_shard"] = world_size // others
+    if math.prod(degrees.values()) != world_size:
+        layout = " x ".join(f"{d}={n}" for d, n in degrees.items())
+        raise ValueError(
+            f"parallel degrees {layout} multiply to {math.prod(degrees.values())}, but the world size is "
+            f"{world_size}; set parallel.dp_shard=-1 or make the product equal the number of processes"
+        )
+    return degrees
+
+
+@dataclass
+class Plan:
+    """Values derived from the config, computed once here and logged."""
+    degrees: dict[str, int]
+    dp_size: int  # data-parallel degree = dp_replicate * dp_shard (ranks seeing different data)
+    grad_accum: int  # micro-steps per optimizer step
+    global_tokens: int  # tokens per optimizer step: the loss denominator
+    model_args: llama.ModelArgs
+
+    @property
+    def layout(self) -> str:
+        d = self.degrees
+        return f"pp{d['pp']} dp{d['dp_replicate']}x{d['dp_shard']} cp{d['cp']} tp{d['tp']}"
+
+
+def validate(cfg: Config, world_size: int) -> Plan:
+    t, p = cfg.training, cfg.parallel
+    degrees = resolve_degrees(p, world_size)
+    try:
+        args = llama.model_args(cfg.model.name, **cfg.model.overrides)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    if args.dim % args.n_heads:
+        raise ValueError(f"model.dim={args.dim} is not divisible by model.n_heads={args.n_heads}")
+    if args.head_dim % 2:
+        raise ValueError(f"head dim {args.head_dim} (model.dim / model.n_heads) must be even for RoPE")
+    if args.n_heads % args.kv_heads:
+        raise ValueError(f"model.n_heads={args.n_heads} is not divisible by model.n_kv_heads={args.kv_heads}")
+    for name in ("steps", "batch_size", "micro_batch_size"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"training.{name}={getattr(t, name)} must be >= 1")
+    if cfg.data.seq_len < 1 or cfg.data.seq_len > args.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} must be in [1, model.max_seq_len={args.max_seq_len}]")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        raise ValueError(f"training.warmup_steps={t.warmup_steps} must be in [0, training.steps={t.steps}]")
+    if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
+        raise ValueError(f"training.lr={t.lr} must be > 0 and training.min_lr_ratio={t.min_lr_ratio} in [0, 1]")
+    if not 0 < t.wsd_decay_fraction <= 1:
+        raise ValueError(f"training.wsd_decay_fraction={t.wsd_decay_fraction} must be in (0, 1]")
+
+    tp, cp, pp = degrees["tp"], degrees["cp"], degrees["pp"]
+    if args.n_heads % tp or args.kv_heads % tp:
+        raise ValueError(
+            f"parallel.tp={tp} must divide model.n_heads={args.n_heads} and model.n_kv_heads={args.kv_heads} "
+            f"(each TP rank holds whole heads); pick tp from the common divisors"
+        )
+    if cp > 1 and cfg.data.seq_len % (2 * cp):
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} is not divisible by 2 * parallel.cp = {2 * cp} "
+            f"(load-balanced context parallel cuts the sequence into 2*cp chunks)"
+        )
+    stages = pp * p.pp_stages_per_rank
+    if p.pp_stages_per_rank < 1 or (pp > 1 and args.n_layers < stages):
+        raise ValueError(
+            f"model.n_layers={args.n_layers} is fewer than the pipeline stages "
+            f"parallel.pp * parallel.pp_stages_per_rank = {pp} * {p.pp_stages_per_rank} = {stages}"
+        )
+    if p.pp_schedule == "interleaved_1f1b" and pp > 1 and p.pp_stages_per_rank < 2:
+        raise ValueError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_stages_per_rank >= 2")
+
+    dp_size = degrees["dp_replicate"] * degrees["dp_shard"]
+    per_step = t.micro_batch_size * dp_size
+    if t.batch_size % per_step:
+        raise ValueError(
+            f"training.batch_size={t.batch_size} is not divisible by training.micro_batch_size="
+            f"{t.micro_batch_size} x data-parallel degree {dp_size} (dp_replicate x dp_shard) = {per_step}; "
+            f"make batch_size a multiple of {per_step}"
+        )
+    microbatches = p.pp_microbatches or pp
+    if pp > 1 and t.micro_batch_size % microbatches:
+        raise ValueError(
+            f"training.micro_batch_size={t.micro_batch_size} is not divisible by "
+            f"parallel.pp_microbatches={microbatches}"
+        )
+    if cfg.activation_checkpoint.mode == "selective":
+        option = cfg.activation_checkpoint.selective_option
+        if option != "op" and not (isinstance(option, int) and option >= 1):
+            raise ValueError(
+                f"activation_checkpoint.selective_option={option!r} must be 'op' or a positive integer k "
+                f"(checkpoint every k-th block)"
+            )
+    if cfg.run.log_every < 1 or cfg.run.eval_every < 0 or cfg.run.eval_steps < 1:
+        raise ValueError("run.log_every and run.eval_steps must be >= 1, run.eval_every >= 0")
+    return Plan(degrees, dp_size, t.batch_size // per_step, t.batch_size * cfg.data.seq_len, args)
+
+
+def check_available(cfg: Config, plan: Plan) -> None:
+    """Stop with a clear message when the config asks for a technique this build lacks."""
+    missing = [f"parallel.{d}={n}" for d, n in plan.degrees.items() if n > 1]
+    if cfg.float8.enabled:
+        missing.append("float8.enabled=true")
+    if cfg.checkpoint.interval > 0 or cfg.checkpoint.load is not None:
+        missing.append("checkpoint.interval / checkpoint.load")
+    if missing:
+        raise NotImplementedError(
+            f"{', '.join(missing)}: this build has no implementation for it yet (single-process "
+            f"training only); run with every parallel degree 1, float8 off and checkpointing off"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Process groups for the [pp, dp_replicate, dp_shard, cp, tp] layout
+
+# Groups over several dims: FSDP shards over dp_shard x cp (CP ranks hold the same
+# weights, see different tokens); the loss and metrics reduce over every rank that
+# sees different tokens; data loading ranks are dp_replicate x dp_shard.
+GROUPS = {d: (d,) for d in DIMS} | {
+    "dp": ("dp_replicate", "dp_shard"),
+    "dp_shard_cp": ("dp_shard", "cp"),
+    "loss": ("dp_replicate", "dp_shard", "cp"),
+}
+
+
+def group_ranks(degrees: dict[str, int], dims: tuple[str, ...]) -> list[list[int]]:
+    """All groups of world ranks that vary only along `dims` (pure arithmetic).
+    E.g. degrees pp2 dp1x2 cp1 tp2, dims ("tp",) -> [[0,1],[2,3],[4,5],[6,7]]."""
+    shape = [degrees[d] for d in DIMS]
+    grid = torch.arange(math.prod(shape)).reshape(shape)  # grid[pp, dpr, dps, cp, tp] = rank
+    axes = [DIMS.index(d) for d in dims]
+    rest = [i for i in range(len(DIMS)) if i not in axes]
+    size = math.prod(shape[i] for i in axes)
+    return grid.permute(rest + axes).reshape(-1, size).tolist()  # one row per group
+
+
+def rank_coords(degrees: dict[str, int], rank: int) -> dict[str, int]:
+    """This rank's index along each dim, e.g. {'pp': 1, 'dp_replicate': 0, ...}."""
+    coords, rest = {}, rank
+    for d in reversed(DIMS):
+        coords[d], rest = rest % degrees[d], rest // degrees[d]
+    return coords
+
+
+def build_groups(degrees: dict[str, int], rank: int) -> dict[str, dist.ProcessGroup]:
+    """Create every group of every kind on every rank, in the same order (new_group is
+    collective), and return the ones containing this rank."""
+    mine = {}
+    for name, dims in GROUPS.items():
+        for ranks in group_ranks(degrees, dims):
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine[name] = group
+    return mine
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Model transforms applied by this file: activation checkpointing and compile
+
+# Ops whose outputs selective AC keeps: matmuls and attention (the CPU flash op too;
+# without it attention would be silently recomputed on CPU).
+_SAC_SAVE = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_mm.default,
+}
+
+
+def _sac_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAC_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: llama.Transformer, mode: str, option: str | int) -> None:
+    """full: keep only each block's input, recompute the block in backward.
+    selective "k": full AC on every k-th block (1-based: with k=2, blocks 2, 4, ...).
+    selective "op": per op inside every block, keep matmul and attention outputs,
+    recompute norms, RoPE and activations. TorchTitan's op policy also recomputes every
+    second matmul to save more; we keep all of them (cheaper recompute, simpler rule)."""
+    if mode == "none":
+        return
+    full = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+    for i, block in enumerate(model.layers.values()):
+        if mode == "full" or (option != "op" and (i + 1) % option == 0):
+            block.checkpoint_fn = full
+        elif option == "op":
+            context = functools.partial(create_selective_checkpoint_contexts, _sac_policy)
+            block.checkpoint_fn = functools.partial(full, context_fn=context)
+
+
+def apply_compile(model: llama.Transformer) -> None:
+    """Compile each block in place (nn.Module.compile keeps parameter names). The blocks
+    share code, so one compiled graph serves them all."""
+    for block in model.layers.values():
+        block.compile()
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Optimizer, schedule, loss
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
+    """Weight decay on matrices (embeddings, projections), none on norm weights."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": t.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, foreach=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)
+
+
+def lr_at(step: int, t: TrainingConfig) -> float:
+    """LR for optimizer step `step` (1-based): linear warmup to lr over warmup_steps,
+    then decay to lr * min_lr_ratio at the last step (cosine, linear, or WSD: constant,
+    then linear over the last wsd_decay_fraction of the steps)."""
+    if step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    min_lr = t.lr * t.min_lr_ratio
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)  # (0, 1]
+    if t.decay == "cosine":
+        return min_lr + (t.lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if t.decay == "linear":
+        return t.lr - (t.lr - min_lr) * progress
+    decay_start = 1 - t.wsd_decay_fraction
+    if progress <= decay_start:
+        return t.lr
+    return t.lr - (t.lr - min_lr) * (progress - decay_start) / t.wsd_decay_fraction
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, global_tokens: int) -> torch.Tensor:
+    """Sum of token cross-entropies / tokens in the global batch (float32 or better)."""
+    logits = logits.flatten(0, 1)  # (B*S, vocab)
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    return F.cross_entropy(logits, labels.flatten(), reduction="sum") / global_tokens
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients; scales them down to max_norm if above (and
+    max_norm > 0). Sharded layouts will sum squared norms over their groups first."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if max_norm > 0:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Metrics: FLOPs peak, memory, the log line
+
+# bf16 dense peak FLOP/s per device (vendor figures, as TorchTitan's table).
+PEAK_FLOPS = {"H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
+              "A100": 312e12, "B200": 2.25e15, "MI300X": 1300e12}
+
+
+def measure_gemm_peak(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
+    """FLOP/s of the best of `reps` n^3 matmuls on this CPU in `dtype`: the MFU
+    denominator on CPU, where no vendor peak applies."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_flops(cfg: Config, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s per device or 0 if unknown, where the figure came from)."""
+    if cfg.run.peak_flops > 0:
+        return cfg.run.peak_flops, "run.peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_FLOPS.items():
+            if key in name:
+                return value, f"{name} bf16 spec"
+        return 0.0, f"{name}: unknown peak"
+    return measure_gemm_peak(dtype), f"measured {str(dtype).removeprefix('torch.')} 1024^3 GEMM on this CPU"
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# 7. The recipe
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Initialize the default process group from torchrun's environment, or a size-1
+    group for a plain `python train.py`, so every code path is the same."""
+    if "RANK" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return rank, world, device
+
+
+class StopSignal:
+    """SIGINT / SIGTERM set a flag; the loop finishes the current step, then stops."""
+
+    def __init__(self):
+        self.received: str | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank got a signal (ranks must stop together)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # comm: world, one float per step
+        return bool(flag.item())
+
+
+def all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(value, group=group)  # comm: loss group, one scalar
+    return value
+
+
+@torch.no_grad()
+def evaluate(model, loader: data.DataLoader, steps: int, group: dist.ProcessGroup, autocast, device) -> float:
+    """Mean token loss over `steps` validation batches of every rank (the same batches
+    each time: the loader is new)."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
+    for _ in range(steps):
+        inputs, labels = next(loader)
+        with autocast():
+            logits = model(inputs.to(device))
+        totals[0] += loss_fn(logits, labels.to(device), 1).double()
+        totals[1] += labels.numel()
+    model.train()
+    totals = all_reduce_sum(totals, group)
+    return (totals[0] / totals[1]).item()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.steps=20")
+    cli = parser.parse_args(argv)
+
+    # 1. Config, validated before any work.
+    cfg = load_config(cli.config, cli.overrides)
+    world_guess = int(os.environ.get("WORLD_SIZE", 1))
+    plan = validate(cfg, world_guess)
+    check_available(cfg, plan)
+    t = cfg.training
+    dtype = DTYPES[t.dtype]
+
+    # 2. Distributed init and 3. process groups.
+    rank, world, device = init_distributed()
+    groups = build_groups(plan.degrees, rank)
+    coords = rank_coords(plan.degrees, rank)
+    dp_rank = coords["dp_replicate"] * plan.degrees["dp_shard"] + coords["dp_shard"]
+    torch.manual_seed(t.seed)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if rank == 0:
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        log(f"nanotitan | python {platform.python_version()} torch {torch.__version__} | {device} | "
+            f"world {world}: {plan.layout}")
+        log(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+
+    # 4. Data: each data-parallel rank reads a disjoint part of every global batch.
+    tokenizer = data.load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.n_words > plan.model_args.vocab_size:
+        raise ValueError(
+            f"data.tokenizer has {tokenizer.n_words} tokens but model.vocab_size={plan.model_args.vocab_size}; "
+            f"raise model.vocab_size to at least {tokenizer.n_words} or use a smaller tokenizer"
+        )
+    datasets = {
+        split: data.load_dataset(cfg.data.dataset, tokenizer, split, cfg.data.seq_len, cfg.data.cache_dir)
+        for split in ("train", "val")
+    }
+    for split, ds in datasets.items():
+        data.check_vocab(ds, plan.model_args.vocab_size)
+    loader = data.DataLoader(datasets["train"], cfg.data.seq_len, t.batch_size, t.micro_batch_size,
+                             dp_rank, plan.dp_size, t.seed)
+
+    # 5. Model on the meta device: shapes only, no memory, no init yet.
+    args = plan.model_args
+    model = llama.build_model(args, device="meta")
+
+    # 6. Parallelize, in this order (each step sees the model the previous one left):
+    #    float8 swap -> pipeline split -> tensor parallel -> context parallel ->
+    #    activation checkpointing -> compile -> FSDP.
+    #    AC wraps each block before compile so the compiled graph includes the
+    #    recomputation; compile comes before FSDP so FSDP's collectives stay outside
+    #    the compiled blocks. (Only AC and compile exist in this build.)
+    apply_activation_checkpointing(model, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_option)
+    if cfg.compile:
+        apply_compile(model)
+
+    # 7. Materialize and initialize: the same global weights for every layout.
+    #    Master weights are float32 (float64 for exactness runs); bfloat16 compute uses
+    #    autocast, so matmuls run in bf16 while the optimizer updates fp32 weights.
+    model.to_empty(device=device)
+    llama.init_weights(model, args, t.seed)
+    if dtype == torch.float64:
+        model.to(torch.float64)
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
+                                 enabled=dtype == torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # 8. Optimizer.
+    optimizer = build_optimizer(model, t)
+    params = [p for p in model.parameters()]
+
+    # 9. Loop.
+    fpt = llama.flops_per_token(args, cfg.data.seq_len)
+    peak, peak_source = peak_flops(cfg, device, dtype)
+    non_dp = plan.degrees["tp"] * plan.degrees["pp"] * plan.degrees["cp"]  # ranks per data replica
+    if rank == 0:
+        log(f"model {cfg.model.name}: {n_params:,} parameters, {fpt / 1e6:.1f} MFLOP/token | "
+            f"peak {peak / 1e12:.3f} TFLOP/s ({peak_source}) | batch {t.batch_size} x {cfg.data.seq_len} "
+            f"= {plan.global_tokens:,} tokens/step, {plan.grad_accum} micro-steps of {t.micro_batch_size}/rank")
+    metrics_file = open(os.path.join(cfg.run.dir, "metrics.jsonl"), "w") if rank == 0 else None
+    stop = StopSignal()
+    history: list[dict] = []
+    start = last_log = time.perf_counter()
+    tokens_since_log = 0
+    for step in range(1, t.steps + 1):
+        lr = lr_at(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        for _ in range(plan.grad_accum):
+            inputs, labels = next(loader)
+            inputs, labels = inputs.to(device), labels.to(device)
+            with autocast():
+                logits = model(inputs)
+            loss = loss_fn(logits, labels, plan.global_tokens)
+            loss.backward()
+            loss_sum += loss.detach().double()
+        grad_norm = clip_grad_norm(params, t.max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_since_log += plan.global_tokens
+
+        stopping = stop.agreed(device)
+        if step % cfg.run.log_every == 0 or step == t.steps or stopping:
+            loss_value = all_reduce_sum(loss_sum, groups["loss"]).item()
+            now = time.perf_counter()
+            tps = tokens_since_log / (now - last_log) / non_dp / plan.dp_size  # per device
+            last_log, tokens_since_log = now, 0
+            record = {
+                "step": step, "loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr,
+                "tokens_per_sec": tps, "mfu": 100 * fpt * tps / peak if peak > 0 else None,
+                "memory_gb": memory_gb(device), "elapsed_s": now - start,
+                "eta_s": (now - start) / step * (t.steps - step),
+            }
+            if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == t.steps):
+                val_loader = data.DataLoader(datasets["val"], cfg.data.seq_len, plan.dp_size * t.micro_batch_size,
+                                             t.micro_batch_size, dp_rank, plan.dp_size, t.seed)
+                record["val_loss"] = evaluate(model, val_loader, cfg.run.eval_steps, groups["loss"], autocast, device)
+            history.append(record)
+            if rank == 0:
+                mfu = f"{record['mfu']:.2f}%" if record["mfu"] is not None else "n/a"
+                val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
+                log(f"step {step:5d} | loss {loss_value:.4f}{val} | grad norm {record['grad_norm']:.3f} | "
+                    f"lr {lr:.2e} | {tps:,.0f} tok/s | mfu {mfu} | mem {record['memory_gb']:.2f} GiB | "
+                    f"eta {record['eta_s']:.0f}s")
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+        if stopping:
+            if rank == 0:
+                log(f"stopping after step {step}: received {stop.received or 'a signal on another rank'}")
+            break
+
+    if metrics_file is not None:
+        metrics_file.close()
+    dist.destroy_process_group()
+    return history
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, NotImplementedError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
