@@ -38,12 +38,12 @@ def test_loss_falls_and_metrics_are_written(tmp_path):
     last = sum(losses(history)[-5:]) / 5
     assert last < history[0]["loss"] - 1.5, losses(history)  # from ~8.3 = ln(4096)
     assert history[39]["val_loss"] < history[19]["val_loss"] < history[0]["loss"] - 1.0
-    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == history
     for key in ("step", "loss", "grad_norm", "lr", "tokens_per_sec", "mfu", "memory_gb", "elapsed_s"):
         assert key in lines[0], key
     assert lines[0]["tokens_per_sec"] > 0 and lines[0]["mfu"] > 0
-    written = yaml.safe_load(open(tmp_path / "config.yaml"))
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert written["training"]["steps"] == 40 and written["model"]["dim"] == 64
 
 

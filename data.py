@@ -1,0 +1,607 @@
+"""Tokenizer, token datasets and the per-rank stateful loader for Llama 3 pretraining.
+
+What it does
+    Tokenizer: tiktoken byte-level BPE read from a ranks file (the format of Meta's
+    Llama 3 `tokenizer.model`: one `base64(token bytes) rank` per line), Llama 3's split
+    regex, and Llama 3's 256 special tokens appended after the base ranks in Meta's order
+    (<|begin_of_text|> = bos, <|end_of_text|> = eos, ..., <|eot_id|> = base + 9). Meta's
+    file gives n_words = 128256 and Meta's ids. Ordinary text never encodes to a special
+    id: "<|eot_id|>" typed in a document is just text.
+    Builtin tokenizer: tokenizer/builtin.tiktoken, 3840 ranks (+256 specials = 4096 =
+    the debug preset's vocab_size), made by
+        python data.py train-tokenizer --vocab-size 3840 --out tokenizer/builtin.tiktoken
+    on the train split of the builtin corpus (CPython 3.11.7's stdlib). The trainer
+    counts pre-token (regex chunk) frequencies once, then merges with incremental
+    pair-count updates over unique chunks and a lazy max-heap; ties go to the smallest
+    (left id, right id). The stdlib `re` has no \\p{L}/\\p{N}, so training expands them
+    from `unicodedata`; on the builtin corpus this splits exactly as tiktoken does.
+    Builtin dataset: every *.py under the running Python's stdlib, minus site-/dist-
+    packages and test suites, sorted by relative path, one document per file; every
+    20th file (index % 20 == 19) is the val split. Non-UTF-8 files are skipped (counted).
+    User data: a path, directory or glob of .txt (one document per file), .jsonl (one
+    document per line, field "text") or .bin files (from `python data.py prepare`).
+
+Packing and windows
+    Each document is encoded without bos and followed by eos; all documents concatenate
+    into one stream. The stream is cut into non-overlapping windows of seq_len + 1 tokens;
+    inputs = w[:-1], labels = w[1:]. Windows span document boundaries (packing, no padding,
+    no cross-document attention mask: as TorchTitan's default). The tail that does not
+    fill a window is dropped. For user data the val split is the last 1/20 of the token
+    stream (the same cut whether the data is .txt/.jsonl or prepared .bin).
+
+.bin format
+    X.bin: raw little-endian uint32 token ids, no header, read with np.memmap (never
+    loaded whole). X.bin.json, the sidecar: {"dtype": "uint32", "n_tokens", "max_id",
+    "n_words", "tokenizer_sha256", "tokenizer"}. The sidecar is written last (temp file +
+    os.replace), so its presence is the commit point; a .bin whose sidecar names another
+    tokenizer sha256 is refused. load_dataset caches tokenized .txt/.jsonl/builtin text
+    the same way under cache_dir, keyed by sha256(file names + sizes + mtimes, tokenizer
+    sha256, split); ranks racing to build it each write a private temp file and
+    os.replace it, which is atomic, so a reader sees a whole file or none.
+
+How ranks split a global batch
+    Every optimizer step consumes one global batch of G = global_batch_size windows. The
+    window order is a permutation of all window indices from numpy's PCG64 seeded with
+    (seed, epoch), redrawn each epoch; the last len % G windows of a permutation are
+    skipped. With accum = G // (micro_batch_size * dp_size), call k (k = 0..accum-1) of
+    `next()` on dp rank r returns windows [(k*dp_size + r)*mb, +mb) of the global batch,
+    so the ranks and micro-steps cover it exactly once, disjointly. (Every rank computes
+    the whole permutation; it costs 8 bytes per window.)
+
+Determinism and resume
+    The batches depend only on (dataset, seq_len, G, seed), never on timing. state_dict()
+    is a few ints (epoch, step in epoch, micro-step, seed, G, seq_len, n_windows) and the
+    same on every rank. Because the global stream of windows does not depend on dp_size
+    or micro_batch_size, a state saved at a step boundary with dp_size 4 resumes with
+    dp_size 2 (or another micro_batch_size) and sees the same global batches.
+
+What TorchTitan does differently
+    It streams Hugging Face datasets (c4) with a HF/tiktoken tokenizer, packs greedily
+    per rank and checkpoints each rank's buffer position. We download nothing: the
+    builtin corpus is on every machine, user data is local files, and a global
+    permutation makes the state rank-independent and the layout changeable on resume.
+"""
+
+import argparse
+import base64
+import bisect
+import collections
+import glob
+import hashlib
+import heapq
+import json
+import multiprocessing
+import os
+import re
+import sys
+import sysconfig
+import time
+import unicodedata
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+           r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Meta's llama3 tokenizer.py order (Llama 3.1+): 11 named, then reserved_2..reserved_246.
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+                  "<|python_tag|>"]
+SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(2, 258 - len(SPECIAL_TOKENS))]
+BUILTIN_TOKENIZER = Path(__file__).resolve().parent / "tokenizer" / "builtin.tiktoken"
+VAL_EVERY = 20  # builtin: every 20th file is val; user data: the last 1/20 of the tokens
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "idle_test"}
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def read_ranks(path: str) -> dict[bytes, int]:
+    """Parse and validate a tiktoken ranks file; ValueError names the file and line."""
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{lineno}: expected 'base64(token) rank', got {line[:60]!r}; "
+                                 "is this a tiktoken ranks file (Llama 3 tokenizer.model)?")
+            try:
+                token = base64.b64decode(parts[0], validate=True)
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: invalid base64 token "
+                                 f"{parts[0][:60].decode(errors='replace')!r}") from None
+            if not parts[1].isdigit():
+                raise ValueError(f"{path}:{lineno}: rank {parts[1][:60].decode(errors='replace')!r} "
+                                 "is not a non-negative integer")
+            if token in ranks:
+                raise ValueError(f"{path}:{lineno}: token {token!r} appears twice (first with rank {ranks[token]})")
+            if int(parts[1]) != len(ranks):
+                raise ValueError(f"{path}:{lineno}: rank {int(parts[1])}, expected {len(ranks)}: "
+                                 "ranks must be 0..n-1 in order")
+            ranks[token] = len(ranks)
+    if not ranks:
+        raise ValueError(f"{path}: empty tokenizer file, expected 'base64(token) rank' lines")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:  # tiktoken cannot encode a byte that has no rank
+        raise ValueError(f"{path}: byte-level BPE needs all 256 single bytes; {len(missing)} missing "
+                         f"(first 0x{missing[0]:02x})")
+    return ranks
+
+
+class Tokenizer:
+    """Llama 3 tokenizer over any ranks file: base ranks, then the 256 special tokens."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        ranks = read_ranks(path)
+        self.special_tokens = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(name=Path(path).name, pat_str=PAT_STR, mergeable_ranks=ranks,
+                                       special_tokens=self.special_tokens)
+        self.n_words = len(ranks) + len(SPECIAL_TOKENS)
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+
+    def encode(self, s: str, bos: bool = False, eos: bool = False) -> list[int]:
+        # encode_ordinary == disallowed_special=(): special names in text stay text.
+        return [self.bos_id] * bos + self.model.encode_ordinary(s) + [self.eos_id] * eos
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.model.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids) -> str:
+        return self.model.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    path = BUILTIN_TOKENIZER if spec == "builtin" else Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} not found: set data.tokenizer to 'builtin' or "
+                                "the path of a tiktoken ranks file (e.g. Llama 3's original/tokenizer.model)")
+    return Tokenizer(str(path))
+
+
+def _stdlib_split_regex() -> re.Pattern:
+    """PAT_STR for the stdlib `re`, which lacks \\p{..}: expand L and N from unicodedata."""
+    def char_class(categories: set[str]) -> str:
+        out, start = [], None
+        for cp in range(sys.maxunicode + 2):
+            inside = cp <= sys.maxunicode and unicodedata.category(chr(cp)) in categories
+            if inside and start is None:
+                start = cp
+            elif not inside and start is not None:
+                out.append(f"{re.escape(chr(start))}-{re.escape(chr(cp - 1))}")
+                start = None
+        return "".join(out)
+    letters, numbers = char_class({"Lu", "Ll", "Lt", "Lm", "Lo"}), char_class({"Nd", "Nl", "No"})
+    pat = PAT_STR.replace(r"\p{L}\p{N}", letters + numbers)  # inside [...]
+    return re.compile(pat.replace(r"\p{L}", f"[{letters}]").replace(r"\p{N}", f"[{numbers}]"))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, log_every: int = 500) -> list[bytes]:
+    """Byte-level BPE on PAT_STR chunks; returns the token bytes in rank order."""
+    if vocab_size <= 256:
+        raise ValueError(f"--vocab-size {vocab_size} must exceed the 256 byte tokens")
+    split, t0 = _stdlib_split_regex(), time.time()
+    counts: collections.Counter[str] = collections.Counter()
+    for text in texts:
+        counts.update(split.findall(text))
+    words = [list(w.encode("utf-8")) for w in counts]  # unique chunks, as token ids
+    freq = list(counts.values())
+    vocab = [bytes([b]) for b in range(256)]
+    ids = {tok: i for i, tok in enumerate(vocab)}
+    pairs: collections.defaultdict[tuple[int, int], int] = collections.defaultdict(int)
+    where: collections.defaultdict[tuple[int, int], set[int]] = collections.defaultdict(set)
+    for wi, w in enumerate(words):
+        for p in zip(w, w[1:]):
+            pairs[p] += freq[wi]
+            where[p].add(wi)
+    # Max-heap of (-count, pair) with lazy deletion: an entry is live iff its count is current.
+    heap = [(-c, p) for p, c in pairs.items()]
+    heapq.heapify(heap)
+    print(f"train-tokenizer: {sum(freq):,} chunks, {len(words):,} unique, {time.time() - t0:.1f}s")
+    while len(vocab) < vocab_size:
+        while heap and -heap[0][0] != pairs.get(heap[0][1], 0):
+            heapq.heappop(heap)
+        if not heap:
+            raise ValueError(f"corpus too small: no pair left to merge at vocab size {len(vocab)}")
+        a, b = heapq.heappop(heap)[1]
+        merged = vocab[a] + vocab[b]
+        if merged not in ids:  # two merge paths can give the same bytes: reuse, take no rank
+            ids[merged] = len(vocab)
+            vocab.append(merged)
+        new, changed = ids[merged], set()
+        for wi in where.pop((a, b)):
+            w, out, i = words[wi], [], 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            if len(out) == len(w):  # stale entry: an earlier merge already consumed the pair here
+                continue
+            for p in zip(w, w[1:]):
+                pairs[p] -= freq[wi]
+                changed.add(p)
+            for p in zip(out, out[1:]):
+                pairs[p] += freq[wi]
+                where[p].add(wi)
+                changed.add(p)
+            words[wi] = out
+        for p in changed:
+            if pairs[p] > 0:
+                heapq.heappush(heap, (-pairs[p], p))
+            else:
+                del pairs[p]
+        if (len(vocab) - 256) % log_every == 0 or len(vocab) == vocab_size:
+            print(f"train-tokenizer: {len(vocab) - 256}/{vocab_size - 256} merges, {time.time() - t0:.1f}s")
+    return vocab
+
+
+def write_ranks(vocab: list[bytes], path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(vocab)))
+
+
+# ----------------------------------------------------------------------------- sources
+
+def builtin_files(split: str) -> tuple[Path, list[str]]:
+    """(stdlib root, sorted relative paths of the split's files)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rel = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
+        rel += [Path(dirpath, f).relative_to(root).as_posix() for f in filenames if f.endswith(".py")]
+    rel.sort()
+    return root, [f for i, f in enumerate(rel) if (i % VAL_EVERY == VAL_EVERY - 1) == (split == "val")]
+
+
+def builtin_documents(split: str) -> list[str]:
+    root, files = builtin_files(split)
+    docs = []
+    for f in files:
+        try:
+            docs.append((root / f).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+    if len(docs) < len(files):
+        print(f"data: builtin {split}: skipped {len(files) - len(docs)} files that are not UTF-8")
+    return docs
+
+
+def resolve_files(spec: str) -> list[Path]:
+    """A file, a directory (its .txt/.jsonl/.bin files) or a glob -> sorted files."""
+    if os.path.isdir(spec):
+        files = [p for p in Path(spec).iterdir() if p.suffix in (".txt", ".jsonl", ".bin")]
+    elif glob.has_magic(spec):
+        files = [Path(p) for p in glob.glob(spec) if os.path.isfile(p)]
+    else:
+        files = [Path(spec)] if os.path.exists(spec) else []
+    if not files:
+        raise FileNotFoundError(f"dataset {spec!r} matches no file: give 'builtin' or a path, "
+                                "directory or glob of .txt, .jsonl or .bin files")
+    for p in files:
+        if p.suffix not in (".txt", ".jsonl", ".bin"):
+            raise ValueError(f"{p}: unknown extension {p.suffix!r}; use .txt, .jsonl (field 'text') "
+                             "or .bin (from `python data.py prepare`)")
+    return sorted(files)
+
+
+def read_documents(path: Path) -> Iterator[str]:
+    """The documents of one .txt (the whole file) or .jsonl (one per line) file."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file")
+    if path.suffix == ".txt":
+        try:
+            yield path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid UTF-8 at byte {e.start}; re-encode the file as UTF-8") from None
+        return
+    n_docs = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8; re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); .jsonl needs one object per line") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                raise ValueError(f"{path}:{lineno}: no string field \"text\"; each .jsonl line must be "
+                                 "an object like {\"text\": \"...\"}")
+            n_docs += 1
+            yield doc["text"]
+    if n_docs == 0:
+        raise ValueError(f"{path}: no documents (only blank lines)")
+
+
+def _stream(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
+    """Documents -> one uint32 stream, each document followed by eos."""
+    encoded = tokenizer.encode_batch(docs)
+    return np.array([t for ids in encoded for t in (*ids, tokenizer.eos_id)], dtype="<u4")
+
+
+# ----------------------------------------------------------------------------- .bin files
+
+def write_bin(path: str, tokens: np.ndarray, tokenizer: Tokenizer) -> None:
+    """Write X.bin then its sidecar X.bin.json, each via a private temp file + os.replace."""
+    tokens = np.ascontiguousarray(tokens, dtype="<u4")
+    meta = {"dtype": "uint32", "n_tokens": int(tokens.size), "max_id": int(tokens.max(initial=0)),
+            "n_words": tokenizer.n_words, "tokenizer_sha256": tokenizer.sha256, "tokenizer": tokenizer.path}
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # unique: several ranks may race here
+    tokens.tofile(tmp)
+    os.replace(tmp, path)
+    Path(tmp).write_text(json.dumps(meta))
+    os.replace(tmp, f"{path}.json")
+
+
+def read_bin(path: str, tokenizer: Tokenizer) -> tuple[np.ndarray, dict]:
+    """(memmap of the tokens, sidecar) after checking the sidecar against the file and tokenizer."""
+    side = f"{path}.json"
+    if not os.path.exists(side):
+        raise ValueError(f"{path}: sidecar {side} is missing; recreate the shard with `python data.py prepare`")
+    meta = json.loads(Path(side).read_text())
+    if meta.get("dtype") != "uint32":
+        raise ValueError(f"{side}: dtype {meta.get('dtype')!r}, expected 'uint32'")
+    if meta.get("tokenizer_sha256") != tokenizer.sha256:
+        raise ValueError(f"{path} was tokenized with tokenizer sha256 {meta.get('tokenizer_sha256')} "
+                         f"({meta.get('tokenizer')}), but the current tokenizer {tokenizer.path} has sha256 "
+                         f"{tokenizer.sha256}; re-run `python data.py prepare` or set data.tokenizer")
+    if os.path.getsize(path) != 4 * meta["n_tokens"] or meta["n_tokens"] == 0:
+        raise ValueError(f"{path}: {os.path.getsize(path)} bytes but the sidecar says {meta['n_tokens']} "
+                         "uint32 tokens (truncated or empty); re-run `python data.py prepare`")
+    return np.memmap(path, dtype="<u4", mode="r"), meta
+
+
+# ----------------------------------------------------------------------------- dataset
+
+class TokenDataset:
+    """Windows of seq_len + 1 tokens over tokens [start, stop) of the shards' concatenation."""
+
+    def __init__(self, name: str, shards: list[np.ndarray], seq_len: int, start: int = 0,
+                 stop: int | None = None, max_id: int | None = None):
+        self.name, self.shards, self.seq_len = name, shards, seq_len
+        self.offsets = np.cumsum([0] + [len(s) for s in shards]).tolist()  # shard k starts here
+        self.start = start
+        self.n_tokens = (self.offsets[-1] if stop is None else stop) - start
+        self.max_id = max(int(s.max(initial=0)) for s in shards) if max_id is None else max_id
+
+    def __len__(self) -> int:
+        return self.n_tokens // (self.seq_len + 1)
+
+    def tokens(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n) of this split as int64, possibly spanning shards."""
+        pos, pieces = self.start + start, []
+        while n > 0:
+            k = bisect.bisect_right(self.offsets, pos) - 1
+            piece = self.shards[k][pos - self.offsets[k]: pos - self.offsets[k] + n]
+            pieces.append(piece)
+            pos, n = pos + len(piece), n - len(piece)
+        return np.concatenate(pieces).astype(np.int64)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range for {self.name} ({len(self)} windows)")
+        return self.tokens(i * (self.seq_len + 1), self.seq_len + 1)
+
+
+def check_vocab(source: "Tokenizer | TokenDataset", vocab_size: int) -> None:
+    """Token ids must index the model's embedding: max id < model.vocab_size."""
+    top = source.n_words - 1 if isinstance(source, Tokenizer) else source.max_id
+    name = source.path if isinstance(source, Tokenizer) else source.name
+    if top >= vocab_size:
+        raise ValueError(f"{name}: token id {top} >= model.vocab_size {vocab_size}; use a tokenizer with "
+                         f"at most {vocab_size} tokens or raise model.vocab_size")
+
+
+def _cached_stream(cache_dir: str, stem: str, key: dict, docs, tokenizer: Tokenizer) -> str:
+    """Path of the cached token stream for `key`; tokenize `docs()` and write it if absent."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{stem}-{digest}.bin")
+    if not os.path.exists(path + ".json"):  # the sidecar is the commit point
+        t0 = time.time()
+        os.makedirs(cache_dir, exist_ok=True)
+        tokens = _stream(tokenizer, docs())
+        write_bin(path, tokens, tokenizer)
+        print(f"data: tokenized {stem}: {tokens.size:,} tokens in {time.time() - t0:.1f}s -> {path}")
+    return path
+
+
+def load_dataset(spec: str, tokenizer: Tokenizer, split: str, seq_len: int, cache_dir: str,
+                 vocab_size: int | None = None) -> TokenDataset:
+    """'builtin' or a path/dir/glob of .txt/.jsonl/.bin -> the split's windows (see docstring)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split {split!r}: expected 'train' or 'val'")
+    if seq_len < 1:
+        raise ValueError(f"data.seq_len {seq_len} must be >= 1")
+    if spec == "builtin":
+        root, files = builtin_files(split)
+        key = {"files": [(f, (root / f).stat().st_size, (root / f).stat().st_mtime_ns) for f in files],
+               "root": str(root), "tokenizer": tokenizer.sha256, "split": split}
+        path = _cached_stream(cache_dir, f"builtin-{split}", key, lambda: builtin_documents(split), tokenizer)
+        tokens, meta = read_bin(path, tokenizer)
+        ds = TokenDataset(f"builtin ({split})", [tokens], seq_len, max_id=meta["max_id"])
+    else:
+        files = resolve_files(spec)
+        if any(p.suffix == ".bin" for p in files):
+            if not all(p.suffix == ".bin" for p in files):
+                raise ValueError(f"dataset {spec!r} mixes .bin and text files; prepare the text files too")
+            shards, metas = zip(*(read_bin(str(p), tokenizer) for p in files))
+        else:  # text: one cached stream for both splits, cut like a .bin
+            key = {"files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+                   "tokenizer": tokenizer.sha256}
+            def docs() -> list[str]:
+                return [d for p in files for d in read_documents(p)]
+            shards, metas = zip(read_bin(_cached_stream(cache_dir, "text", key, docs, tokenizer), tokenizer))
+        n = sum(m["n_tokens"] for m in metas)
+        cut = n - n // VAL_EVERY
+        start, stop = (0, cut) if split == "train" else (cut, n)
+        ds = TokenDataset(f"{spec} ({split})", list(shards), seq_len, start, stop, max(m["max_id"] for m in metas))
+    if vocab_size is not None:
+        check_vocab(ds, vocab_size)
+    return ds
+
+
+# ----------------------------------------------------------------------------- loader
+
+class DataLoader:
+    """This dp rank's micro batches, (inputs, labels) int64 of shape (micro_batch_size, seq_len)."""
+
+    def __init__(self, dataset: TokenDataset, seq_len: int, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, seed: int):
+        if seq_len != dataset.seq_len:
+            raise ValueError(f"DataLoader seq_len {seq_len} != dataset {dataset.name} seq_len {dataset.seq_len}")
+        if global_batch_size % (micro_batch_size * dp_size) != 0 or global_batch_size <= 0:
+            raise ValueError(f"training.batch_size {global_batch_size} must be a positive multiple of "
+                             f"training.micro_batch_size {micro_batch_size} x data-parallel degree {dp_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} not in [0, dp_size {dp_size})")
+        if seed < 0:
+            raise ValueError(f"training.seed {seed} must be >= 0")
+        if len(dataset) < global_batch_size:
+            need = global_batch_size * (seq_len + 1)
+            raise ValueError(f"dataset {dataset.name} has {dataset.n_tokens:,} tokens, but one global batch needs "
+                             f"{need:,} (batch_size {global_batch_size} x (seq_len {seq_len} + 1)); use more "
+                             "data or lower training.batch_size / data.seq_len")
+        self.dataset, self.seq_len, self.seed = dataset, seq_len, seed
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.accum = global_batch_size // (micro_batch_size * dp_size)
+        self.steps_per_epoch = len(dataset) // global_batch_size
+        self.epoch, self.step, self.micro_step = 0, 0, 0  # the next micro batch to return
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _order(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:  # the same on every rank: seeded by (seed, epoch) only
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def __iter__(self) -> "DataLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.step * self.global_batch_size + (self.micro_step * self.dp_size + self.dp_rank) * self.micro_batch_size
+        idx = self._order()[first: first + self.micro_batch_size]
+        batch = torch.from_numpy(np.stack([self.dataset[int(i)] for i in idx]))  # (mb, seq_len + 1)
+        self.micro_step += 1
+        if self.micro_step == self.accum:
+            self.micro_step, self.step = 0, self.step + 1
+            if self.step == self.steps_per_epoch:
+                self.step, self.epoch = 0, self.epoch + 1
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "micro_step": self.micro_step, "seed": self.seed,
+                "global_batch_size": self.global_batch_size, "seq_len": self.seq_len,
+                "n_windows": len(self.dataset), "micro_batch_size": self.micro_batch_size, "dp_size": self.dp_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        must_match = ["seed", "global_batch_size", "seq_len", "n_windows"]
+        if state["micro_step"] != 0:  # mid-accumulation: the split of the global batch must match too
+            must_match += ["micro_batch_size", "dp_size"]
+        mine = self.state_dict()
+        for key in must_match:
+            if state[key] != mine[key]:
+                raise ValueError(f"dataloader state: {key} is {state[key]} in the checkpoint but {mine[key]} now; "
+                                 "resume with the same value or start a fresh run")
+        self.epoch, self.step, self.micro_step = state["epoch"], state["step"], state["micro_step"]
+
+
+# ----------------------------------------------------------------------------- prepare
+
+_worker_tokenizer: Tokenizer | None = None  # one per prepare worker process
+
+
+def _init_worker(path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(path)
+
+
+def _encode_docs(docs: list[str]) -> np.ndarray:
+    return _stream(_worker_tokenizer, docs)
+
+
+def _doc_batches(files: list[Path], chars: int = 1 << 22) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for p in files:
+        for doc in read_documents(p):
+            batch.append(doc)
+            size += len(doc)
+            if size >= chars:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def prepare(inputs: list[str], out: str, tokenizer: Tokenizer, shard_tokens: int, workers: int) -> list[str]:
+    """Tokenize .txt/.jsonl inputs into out/shard-NNNNN.bin (shard_tokens each, the last shorter)."""
+    files = sorted({p for spec in inputs for p in resolve_files(spec)})
+    if any(p.suffix == ".bin" for p in files):
+        raise ValueError(f"prepare takes .txt/.jsonl; {[str(p) for p in files if p.suffix == '.bin'][0]} is already .bin")
+    os.makedirs(out, exist_ok=True)
+    written, buf, n_tokens, t0 = [], [], 0, time.time()
+
+    def flush(tokens: np.ndarray) -> None:
+        written.append(os.path.join(out, f"shard-{len(written):05d}.bin"))
+        write_bin(written[-1], tokens, tokenizer)
+        print(f"prepare: wrote {written[-1]} ({tokens.size:,} tokens)")
+
+    with multiprocessing.Pool(workers, _init_worker, (tokenizer.path,)) as pool:
+        for tokens in pool.imap(_encode_docs, _doc_batches(files)):  # imap keeps document order
+            buf.append(tokens)
+            n_tokens += tokens.size
+            print(f"prepare: {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} tokens/s")
+            while sum(b.size for b in buf) >= shard_tokens:
+                stream = np.concatenate(buf)
+                flush(stream[:shard_tokens])
+                buf = [stream[shard_tokens:]]
+    if sum(b.size for b in buf):
+        flush(np.concatenate(buf))
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="nanotitan data tools")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train-tokenizer", help="train the builtin BPE on the builtin train split")
+    t.add_argument("--vocab-size", type=int, default=3840, help="base ranks (256 bytes + merges)")
+    t.add_argument("--out", default=str(BUILTIN_TOKENIZER))
+    p = sub.add_parser("prepare", help="tokenize .txt/.jsonl into .bin shards")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default="builtin")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    s = sub.add_parser("stats", help="token counts of a dataset's splits")
+    s.add_argument("--dataset", default="builtin")
+    s.add_argument("--tokenizer", default="builtin")
+    s.add_argument("--cache-dir", default=".cache/data")
+    args = parser.parse_args()
+    if args.cmd == "train-tokenizer":
+        write_ranks(train_bpe(builtin_documents("train"), args.vocab_size), args.out)
+        print(f"train-tokenizer: wrote {args.out}, sha256 {Tokenizer(args.out).sha256}")
+    elif args.cmd == "prepare":
+        prepare(args.inputs, args.out, load_tokenizer(args.tokenizer), args.shard_tokens, args.workers)
+    else:
+        tok = load_tokenizer(args.tokenizer)
+        for split in ("train", "val"):
+            ds = load_dataset(args.dataset, tok, split, 1, args.cache_dir)
+            print(f"{ds.name}: {ds.n_tokens:,} tokens, max id {ds.max_id}, tokenizer n_words {tok.n_words}")
+
+
+if __name__ == "__main__":
+    main()
