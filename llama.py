@@ -33,6 +33,8 @@ Hooks the parallel techniques use (none of them is imported here)
           p.global_offset = tuple, the global index of the local p[0, 0, ...]
       (rows beyond the global shape are padding and are zero-filled). So every layout
       starts from the same global weights as one process, with no seed checkpoint.
+      The streams are drawn on the parameter's device: CUDA and CPU generators differ,
+      so a GPU run starts from other (equally distributed) weights than a CPU run.
 
 Math and shapes (B batch, S sequence, H query heads, Hkv KV heads, hd head dim)
     h = x + wo(attn(rope(wq(norm(x))), rope(wk(norm(x))), wv(norm(x))))
