@@ -11,6 +11,9 @@ comparisons against PyTorch's own implementations here.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
+import os
 import platform
 import statistics
 import time
@@ -30,12 +33,19 @@ ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
+    name = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{name} ({isa}), {torch.get_num_threads()} thread(s)"
 
 
 def _train_setup(args: llama.ModelArgs, dtype: torch.dtype, seed: int = 0):
     model = llama.build_model(args, "cpu")
     llama.init_weights(model, args, seed)
+    if dtype == torch.float64:
+        model.to(torch.float64)
     cfg = train.TrainingConfig(lr=1e-3)
     optimizer = train.build_optimizer(model, cfg)
     return model, optimizer
@@ -52,25 +62,26 @@ def _step(model, optimizer, tokens, autocast) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def bench_mfu(steps: int, warmup: int) -> None:
-    """Train the debug model and a wider one on random tokens in bf16 autocast (fp32
-    master weights, AdamW), as train.py does; report tokens/s, MFU against the
-    measured bf16 GEMM peak, and the share of step time in matmuls, in attention and
-    outside both (profiler self time)."""
+def bench_mfu(steps: int, warmup: int, dtypes: list[str]) -> None:
+    """Train the debug model and a wider one on random tokens as train.py does (fp32
+    master weights, AdamW; bfloat16 = autocast); report tokens/s, MFU against the
+    measured GEMM peak of the same dtype, and the share of step time in matmuls, in
+    attention and outside both (profiler self time)."""
     torch.manual_seed(0)
-    peak = train.measure_gemm_peak(torch.bfloat16, reps=10)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     shapes = {
         "debug (dim 256, 4 layers)": (llama.model_args("debug"), 8, 256),
         "wide (dim 1024, 4 layers)": (llama.model_args("debug", dim=1024, n_heads=16, n_kv_heads=4,
                                                           multiple_of=256), 4, 256),
     }
-    print(f"\nMFU, single process, bf16 autocast + fp32 AdamW, {machine()}, torch {torch.__version__}")
-    print(f"peak = measured bf16 1024^3 GEMM: {peak / 1e9:.0f} GFLOP/s\n")
-    print("| model | params | batch x seq | step time median (min) | tokens/s | MFU | matmul | attention | other |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, (args, batch, seq) in shapes.items():
-        model, optimizer = _train_setup(args, torch.bfloat16)
+    peaks = {name: train.measure_gemm_peak(train.DTYPES[name], reps=10) for name in dtypes}
+    print(f"\nMFU, single process, {machine()}, torch {torch.__version__}")
+    print("peak = measured 1024^3 GEMM: " + ", ".join(f"{n} {p / 1e9:.0f} GFLOP/s" for n, p in peaks.items()))
+    print("\n| model | dtype | params | batch x seq | step median (min) | tokens/s | MFU | matmul | attention | other |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (label, (args, batch, seq)), name in itertools.product(shapes.items(), dtypes):
+        peak = peaks[name]
+        autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=name == "bfloat16")
+        model, optimizer = _train_setup(args, train.DTYPES[name])
         tokens = torch.randint(0, args.vocab_size, (batch, seq + 1))
         for _ in range(warmup):
             _step(model, optimizer, tokens, autocast)
@@ -90,7 +101,7 @@ def bench_mfu(steps: int, warmup: int) -> None:
         tps = batch * seq / median
         mfu = llama.flops_per_token(args, seq) * tps / peak
         n = sum(p.numel() for p in model.parameters())
-        print(f"| {label} | {n / 1e6:.1f}M | {batch} x {seq} | {median * 1e3:.0f} ms ({min(times) * 1e3:.0f}) "
+        print(f"| {label} | {name} | {n / 1e6:.1f}M | {batch} x {seq} | {median * 1e3:.0f} ms ({min(times) * 1e3:.0f}) "
               f"| {tps:,.0f} | {100 * mfu:.1f}% | {100 * mm:.0f}% | {100 * attn:.0f}% | {100 * (1 - mm - attn):.0f}% |")
 
 
@@ -100,9 +111,10 @@ def main() -> None:
     mfu = sub.add_parser("mfu", help="single-process training MFU and step-time breakdown")
     mfu.add_argument("--steps", type=int, default=10)
     mfu.add_argument("--warmup", type=int, default=3)
+    mfu.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(train.DTYPES))
     cli = parser.parse_args()
     if cli.bench == "mfu":
-        bench_mfu(cli.steps, cli.warmup)
+        bench_mfu(cli.steps, cli.warmup, cli.dtypes)
 
 
 if __name__ == "__main__":

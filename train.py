@@ -622,8 +622,7 @@ def all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
 
 @torch.no_grad()
 def evaluate(model, loader: data.DataLoader, steps: int, group: dist.ProcessGroup, autocast, device) -> float:
-    """Mean token loss over `steps` validation batches of every rank (the same batches
-    each time: the loader is new)."""
+    """Mean token loss over the next `steps` validation batches of every rank."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
     for _ in range(steps):
@@ -669,19 +668,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     # 4. Data: each data-parallel rank reads a disjoint part of every global batch.
     tokenizer = data.load_tokenizer(cfg.data.tokenizer)
-    if tokenizer.n_words > plan.model_args.vocab_size:
-        raise ValueError(
-            f"data.tokenizer has {tokenizer.n_words} tokens but model.vocab_size={plan.model_args.vocab_size}; "
-            f"raise model.vocab_size to at least {tokenizer.n_words} or use a smaller tokenizer"
-        )
+    data.check_vocab(tokenizer, plan.model_args.vocab_size)
     datasets = {
         split: data.load_dataset(cfg.data.dataset, tokenizer, split, cfg.data.seq_len, cfg.data.cache_dir)
         for split in ("train", "val")
     }
-    for split, ds in datasets.items():
+    for ds in datasets.values():  # .bin shards may hold ids the tokenizer would not make
         data.check_vocab(ds, plan.model_args.vocab_size)
     loader = data.DataLoader(datasets["train"], cfg.data.seq_len, t.batch_size, t.micro_batch_size,
                              dp_rank, plan.dp_size, t.seed)
+    # Validation reads the same batches at every evaluation: rewound to this state.
+    val_loader = data.DataLoader(datasets["val"], cfg.data.seq_len, plan.dp_size * t.micro_batch_size,
+                                 t.micro_batch_size, dp_rank, plan.dp_size, t.seed)
+    val_start = val_loader.state_dict()
 
     # 5. Model on the meta device: shapes only, no memory, no init yet.
     args = plan.model_args
@@ -756,8 +755,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "eta_s": (now - start) / step * (t.steps - step),
             }
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == t.steps):
-                val_loader = data.DataLoader(datasets["val"], cfg.data.seq_len, plan.dp_size * t.micro_batch_size,
-                                             t.micro_batch_size, dp_rank, plan.dp_size, t.seed)
+                val_loader.load_state_dict(val_start)
                 record["val_loss"] = evaluate(model, val_loader, cfg.run.eval_steps, groups["loss"], autocast, device)
             history.append(record)
             if rank == 0:

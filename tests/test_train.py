@@ -135,7 +135,7 @@ def test_clip_grad_norm_matches_torch():
 
 
 def test_vocab_too_small_for_tokenizer(tmp_path):
-    with pytest.raises(ValueError, match="model.vocab_size=1000"):
+    with pytest.raises(ValueError, match="model.vocab_size 1000"):
         run(tmp_path, "model.vocab_size=1000")
 
 
