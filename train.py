@@ -600,8 +600,11 @@ class StopSignal:
 
     def __init__(self):
         self.received: str | None = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
@@ -650,130 +653,136 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t = cfg.training
     dtype = DTYPES[t.dtype]
 
-    # 2. Distributed init and 3. process groups.
+    # 2. Distributed init (a size-1 group without torchrun). Whatever happens next, the
+    # group is destroyed and the signal handlers restored on the way out.
     rank, world, device = init_distributed()
-    groups = build_groups(plan.degrees, rank)
-    coords = rank_coords(plan.degrees, rank)
-    dp_rank = coords["dp_replicate"] * plan.degrees["dp_shard"] + coords["dp_shard"]
-    torch.manual_seed(t.seed)
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True)
-    if rank == 0:
-        os.makedirs(cfg.run.dir, exist_ok=True)
-        with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-        log(f"nanotitan | python {platform.python_version()} torch {torch.__version__} | {device} | "
-            f"world {world}: {plan.layout}")
-        log(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
-
-    # 4. Data: each data-parallel rank reads a disjoint part of every global batch.
-    tokenizer = data.load_tokenizer(cfg.data.tokenizer)
-    data.check_vocab(tokenizer, plan.model_args.vocab_size)
-    datasets = {
-        split: data.load_dataset(cfg.data.dataset, tokenizer, split, cfg.data.seq_len, cfg.data.cache_dir)
-        for split in ("train", "val")
-    }
-    for ds in datasets.values():  # .bin shards may hold ids the tokenizer would not make
-        data.check_vocab(ds, plan.model_args.vocab_size)
-    loader = data.DataLoader(datasets["train"], cfg.data.seq_len, t.batch_size, t.micro_batch_size,
-                             dp_rank, plan.dp_size, t.seed)
-    # Validation reads the same batches at every evaluation: rewound to this state.
-    val_loader = data.DataLoader(datasets["val"], cfg.data.seq_len, plan.dp_size * t.micro_batch_size,
-                                 t.micro_batch_size, dp_rank, plan.dp_size, t.seed)
-    val_start = val_loader.state_dict()
-
-    # 5. Model on the meta device: shapes only, no memory, no init yet.
-    args = plan.model_args
-    model = llama.build_model(args, device="meta")
-
-    # 6. Parallelize, in this order (each step sees the model the previous one left):
-    #    float8 swap -> pipeline split -> tensor parallel -> context parallel ->
-    #    activation checkpointing -> compile -> FSDP.
-    #    AC wraps each block before compile so the compiled graph includes the
-    #    recomputation; compile comes before FSDP so FSDP's collectives stay outside
-    #    the compiled blocks. (Only AC and compile exist in this build.)
-    apply_activation_checkpointing(model, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_option)
-    if cfg.compile:
-        apply_compile(model)
-
-    # 7. Materialize and initialize: the same global weights for every layout.
-    #    Master weights are float32 (float64 for exactness runs); bfloat16 compute uses
-    #    autocast, so matmuls run in bf16 while the optimizer updates fp32 weights.
-    model.to_empty(device=device)
-    llama.init_weights(model, args, t.seed)
-    if dtype == torch.float64:
-        model.to(torch.float64)
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
-                                 enabled=dtype == torch.bfloat16)
-    n_params = sum(p.numel() for p in model.parameters())
-
-    # 8. Optimizer.
-    optimizer = build_optimizer(model, t)
-    params = [p for p in model.parameters()]
-
-    # 9. Loop.
-    fpt = llama.flops_per_token(args, cfg.data.seq_len)
-    peak, peak_source = peak_flops(cfg, device, dtype)
-    non_dp = plan.degrees["tp"] * plan.degrees["pp"] * plan.degrees["cp"]  # ranks per data replica
-    if rank == 0:
-        log(f"model {cfg.model.name}: {n_params:,} parameters, {fpt / 1e6:.1f} MFLOP/token | "
-            f"peak {peak / 1e12:.3f} TFLOP/s ({peak_source}) | batch {t.batch_size} x {cfg.data.seq_len} "
-            f"= {plan.global_tokens:,} tokens/step, {plan.grad_accum} micro-steps of {t.micro_batch_size}/rank")
-    metrics_file = open(os.path.join(cfg.run.dir, "metrics.jsonl"), "w") if rank == 0 else None
     stop = StopSignal()
-    history: list[dict] = []
-    start = last_log = time.perf_counter()
-    tokens_since_log = 0
-    for step in range(1, t.steps + 1):
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        for _ in range(plan.grad_accum):
-            inputs, labels = next(loader)
-            inputs, labels = inputs.to(device), labels.to(device)
-            with autocast():
-                logits = model(inputs)
-            loss = loss_fn(logits, labels, plan.global_tokens)
-            loss.backward()
-            loss_sum += loss.detach().double()
-        grad_norm = clip_grad_norm(params, t.max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_since_log += plan.global_tokens
+    metrics_file = None
+    try:
+        # 3. Process groups.
+        groups = build_groups(plan.degrees, rank)
+        coords = rank_coords(plan.degrees, rank)
+        dp_rank = coords["dp_replicate"] * plan.degrees["dp_shard"] + coords["dp_shard"]
+        torch.manual_seed(t.seed)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if rank == 0:
+            os.makedirs(cfg.run.dir, exist_ok=True)
+            with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+            log(f"nanotitan | python {platform.python_version()} torch {torch.__version__} | {device} | "
+                f"world {world}: {plan.layout}")
+            log(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
 
-        stopping = stop.agreed(device)
-        if step % cfg.run.log_every == 0 or step == t.steps or stopping:
-            loss_value = all_reduce_sum(loss_sum, groups["loss"]).item()
-            now = time.perf_counter()
-            tps = tokens_since_log / (now - last_log) / non_dp / plan.dp_size  # per device
-            last_log, tokens_since_log = now, 0
-            record = {
-                "step": step, "loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr,
-                "tokens_per_sec": tps, "mfu": 100 * fpt * tps / peak if peak > 0 else None,
-                "memory_gb": memory_gb(device), "elapsed_s": now - start,
-                "eta_s": (now - start) / step * (t.steps - step),
-            }
-            if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == t.steps):
-                val_loader.load_state_dict(val_start)
-                record["val_loss"] = evaluate(model, val_loader, cfg.run.eval_steps, groups["loss"], autocast, device)
-            history.append(record)
-            if rank == 0:
-                mfu = f"{record['mfu']:.2f}%" if record["mfu"] is not None else "n/a"
-                val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
-                log(f"step {step:5d} | loss {loss_value:.4f}{val} | grad norm {record['grad_norm']:.3f} | "
-                    f"lr {lr:.2e} | {tps:,.0f} tok/s | mfu {mfu} | mem {record['memory_gb']:.2f} GiB | "
-                    f"eta {record['eta_s']:.0f}s")
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-        if stopping:
-            if rank == 0:
-                log(f"stopping after step {step}: received {stop.received or 'a signal on another rank'}")
-            break
+        # 4. Data: each data-parallel rank reads a disjoint part of every global batch.
+        tokenizer = data.load_tokenizer(cfg.data.tokenizer)
+        data.check_vocab(tokenizer, plan.model_args.vocab_size)
+        datasets = {
+            split: data.load_dataset(cfg.data.dataset, tokenizer, split, cfg.data.seq_len, cfg.data.cache_dir)
+            for split in ("train", "val")
+        }
+        for ds in datasets.values():  # .bin shards may hold ids the tokenizer would not make
+            data.check_vocab(ds, plan.model_args.vocab_size)
+        loader = data.DataLoader(datasets["train"], cfg.data.seq_len, t.batch_size, t.micro_batch_size,
+                                 dp_rank, plan.dp_size, t.seed)
+        # Validation reads the same batches at every evaluation: rewound to this state.
+        val_loader = data.DataLoader(datasets["val"], cfg.data.seq_len, plan.dp_size * t.micro_batch_size,
+                                     t.micro_batch_size, dp_rank, plan.dp_size, t.seed)
+        val_start = val_loader.state_dict()
 
-    if metrics_file is not None:
-        metrics_file.close()
-    dist.destroy_process_group()
+        # 5. Model on the meta device: shapes only, no memory, no init yet.
+        args = plan.model_args
+        model = llama.build_model(args, device="meta")
+
+        # 6. Parallelize, in this order (each step sees the model the previous one left):
+        #    float8 swap -> pipeline split -> tensor parallel -> context parallel ->
+        #    activation checkpointing -> compile -> FSDP.
+        #    AC wraps each block before compile so the compiled graph includes the
+        #    recomputation; compile comes before FSDP so FSDP's collectives stay outside
+        #    the compiled blocks. (Only AC and compile exist in this build.)
+        apply_activation_checkpointing(model, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_option)
+        if cfg.compile:
+            apply_compile(model)
+
+        # 7. Materialize and initialize: the same global weights for every layout.
+        #    Master weights are float32 (float64 for exactness runs); bfloat16 compute uses
+        #    autocast, so matmuls run in bf16 while the optimizer updates fp32 weights.
+        model.to_empty(device=device)
+        llama.init_weights(model, args, t.seed)
+        if dtype == torch.float64:
+            model.to(torch.float64)
+        autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
+                                     enabled=dtype == torch.bfloat16)
+        n_params = sum(p.numel() for p in model.parameters())
+
+        # 8. Optimizer.
+        optimizer = build_optimizer(model, t)
+        params = list(model.parameters())
+
+        # 9. Loop.
+        fpt = llama.flops_per_token(args, cfg.data.seq_len)
+        peak, peak_source = peak_flops(cfg, device, dtype)
+        non_dp = plan.degrees["tp"] * plan.degrees["pp"] * plan.degrees["cp"]  # ranks per data replica
+        if rank == 0:
+            log(f"model {cfg.model.name}: {n_params:,} parameters, {fpt / 1e6:.1f} MFLOP/token | "
+                f"peak {peak / 1e12:.3f} TFLOP/s ({peak_source}) | batch {t.batch_size} x {cfg.data.seq_len} "
+                f"= {plan.global_tokens:,} tokens/step, {plan.grad_accum} micro-steps of {t.micro_batch_size}/rank")
+        metrics_file = open(os.path.join(cfg.run.dir, "metrics.jsonl"), "w") if rank == 0 else None
+        history: list[dict] = []
+        start = last_log = time.perf_counter()
+        tokens_since_log = 0
+        for step in range(1, t.steps + 1):
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            for _ in range(plan.grad_accum):
+                inputs, labels = next(loader)
+                inputs, labels = inputs.to(device), labels.to(device)
+                with autocast():
+                    logits = model(inputs)
+                loss = loss_fn(logits, labels, plan.global_tokens)
+                loss.backward()
+                loss_sum += loss.detach().double()
+            grad_norm = clip_grad_norm(params, t.max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_since_log += plan.global_tokens
+
+            stopping = stop.agreed(device)
+            if step % cfg.run.log_every == 0 or step == t.steps or stopping:
+                loss_value = all_reduce_sum(loss_sum, groups["loss"]).item()
+                now = time.perf_counter()
+                tps = tokens_since_log / (now - last_log) / non_dp / plan.dp_size  # per device
+                last_log, tokens_since_log = now, 0
+                record = {
+                    "step": step, "loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr,
+                    "tokens_per_sec": tps, "mfu": 100 * fpt * tps / peak if peak > 0 else None,
+                    "memory_gb": memory_gb(device), "elapsed_s": now - start,
+                    "eta_s": (now - start) / step * (t.steps - step),
+                }
+                if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == t.steps):
+                    val_loader.load_state_dict(val_start)
+                    record["val_loss"] = evaluate(model, val_loader, cfg.run.eval_steps, groups["loss"], autocast, device)
+                history.append(record)
+                if rank == 0:
+                    mfu = f"{record['mfu']:.2f}%" if record["mfu"] is not None else "n/a"
+                    val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
+                    log(f"step {step:5d} | loss {loss_value:.4f}{val} | grad norm {record['grad_norm']:.3f} | "
+                        f"lr {lr:.2e} | {tps:,.0f} tok/s | mfu {mfu} | mem {record['memory_gb']:.2f} GiB | "
+                        f"eta {record['eta_s']:.0f}s")
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+            if stopping:
+                if rank == 0:
+                    log(f"stopping after step {step}: received {stop.received or 'a signal on another rank'}")
+                break
+
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+        stop.restore()
+        dist.destroy_process_group()
     return history
 
 

@@ -135,8 +135,12 @@ def test_clip_grad_norm_matches_torch():
 
 
 def test_vocab_too_small_for_tokenizer(tmp_path):
+    handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(ValueError, match="model.vocab_size 1000"):
         run(tmp_path, "model.vocab_size=1000")
+    # a failed run leaves no process group and no signal handler behind
+    assert not torch.distributed.is_initialized()
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_sigterm_stops_after_the_current_step(tmp_path):
