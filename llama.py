@@ -342,6 +342,22 @@ def init_weights(model: nn.Module, args: ModelArgs, seed: int) -> None:
             p[(slice(lo - row0, hi - row0), *(slice(0, s.stop - s.start) for s in inner))] = src.to(p.dtype)
 
 
+@torch.no_grad()
+def materialize(model: nn.Module, device: str | torch.device) -> None:
+    """Allocate (uninitialized) storage on `device` for a model built on meta, keeping
+    every Parameter object and the attributes techniques set on it (global_shape,
+    global_offset, ...). nn.Module.to_empty would create new Parameter objects, losing
+    both the attributes and the identity that FSDP and optimizers hold on to."""
+    for p in model.parameters():
+        attrs = dict(p.__dict__)
+        new = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+        torch.utils.swap_tensors(p, new)  # swaps the contents and the __dict__
+        p.__dict__.update(attrs)
+    for module in model.modules():
+        for name, b in module.named_buffers(recurse=False):
+            module._buffers[name] = torch.empty_like(b, device=device)
+
+
 def build_model(args: ModelArgs, device: str | torch.device = "meta") -> Transformer:
     """Construct on `device` (default meta: shapes only, no memory)."""
     with torch.device(device):

@@ -43,6 +43,7 @@ import yaml
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import data
+import fsdp
 import llama
 
 # ---------------------------------------------------------------------------------------
@@ -100,6 +101,10 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zero_bubble
     pp_microbatches: int = 0  # 0: one per pipeline stage
     pp_stages_per_rank: int = 1
+    fsdp_reshard_after_forward: bool = True  # free gathered block params after forward
+    # true: accumulate unsharded gradients over micro-batches and reduce-scatter once
+    # per optimizer step (more memory, 1/accum of the reduce-scatter traffic)
+    fsdp_reduce_per_step: bool = False
 
 
 @dataclass
@@ -371,15 +376,15 @@ def validate(cfg: Config, world_size: int) -> Plan:
 
 def check_available(cfg: Config, plan: Plan) -> None:
     """Stop with a clear message when the config asks for a technique this build lacks."""
-    missing = [f"parallel.{d}={n}" for d, n in plan.degrees.items() if n > 1]
+    missing = [f"parallel.{d}={n}" for d, n in plan.degrees.items() if n > 1 and d in ("pp", "cp", "tp")]
     if cfg.float8.enabled:
         missing.append("float8.enabled=true")
     if cfg.checkpoint.interval > 0 or cfg.checkpoint.load is not None:
         missing.append("checkpoint.interval / checkpoint.load")
     if missing:
         raise NotImplementedError(
-            f"{', '.join(missing)}: this build has no implementation for it yet (single-process "
-            f"training only); run with every parallel degree 1, float8 off and checkpointing off"
+            f"{', '.join(missing)}: this build has no implementation for it yet (data parallel only: "
+            f"FSDP / HSDP); set parallel.pp, parallel.cp and parallel.tp to 1, float8 and checkpointing off"
         )
 
 
@@ -513,13 +518,19 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, global_tokens: int) -> t
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, shard_group: dist.ProcessGroup | None = None
+                   ) -> torch.Tensor:
     """Global L2 norm of all gradients; scales them down to max_norm if above (and
-    max_norm > 0). Sharded layouts will sum squared norms over their groups first."""
+    max_norm > 0). With FSDP every rank of `shard_group` holds disjoint shards (padding
+    rows have zero gradient), so the squared norms are summed over it; replicas (HSDP)
+    hold the same shards and are not summed."""
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    square = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads]).sum()
+    if shard_group is not None and dist.get_world_size(shard_group) > 1:
+        dist.all_reduce(square, group=shard_group)  # comm: FSDP shard group, one float64
+    norm = square.sqrt()
     if max_norm > 0:
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grads[0].dtype))
     return norm
 
 
@@ -588,7 +599,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    if "RANK" in os.environ:
+    if dist.is_initialized():  # e.g. a test harness that set up the group already
+        pass
+    elif "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timedelta(minutes=10))
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -624,11 +637,12 @@ def all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model, loader: data.DataLoader, steps: int, group: dist.ProcessGroup, autocast, device) -> float:
-    """Mean token loss over the next `steps` validation batches of every rank."""
+def evaluate(model, loader: data.DataLoader, micro_steps: int, group: dist.ProcessGroup, autocast, device
+             ) -> float:
+    """Mean token loss over the next `micro_steps` validation micro-batches of every rank."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
-    for _ in range(steps):
+    for _ in range(micro_steps):
         inputs, labels = next(loader)
         with autocast():
             logits = model(inputs.to(device))
@@ -685,9 +699,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             data.check_vocab(ds, plan.model_args.vocab_size)
         loader = data.DataLoader(datasets["train"], cfg.data.seq_len, t.batch_size, t.micro_batch_size,
                                  dp_rank, plan.dp_size, t.seed)
-        # Validation reads the same batches at every evaluation: rewound to this state.
-        val_loader = data.DataLoader(datasets["val"], cfg.data.seq_len, plan.dp_size * t.micro_batch_size,
-                                     t.micro_batch_size, dp_rank, plan.dp_size, t.seed)
+        # Validation reads the same global batches at every evaluation (rewound to this
+        # state) and for every layout (the global batch is the training one).
+        val_loader = data.DataLoader(datasets["val"], cfg.data.seq_len, t.batch_size, t.micro_batch_size,
+                                     dp_rank, plan.dp_size, t.seed)
         val_start = val_loader.state_dict()
 
         # 5. Model on the meta device: shapes only, no memory, no init yet.
@@ -703,28 +718,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
         apply_activation_checkpointing(model, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_option)
         if cfg.compile:
             apply_compile(model)
+        # FSDP over dp_shard x cp (CP ranks hold the same weights), replicated over
+        # dp_replicate (HSDP): one unit per block plus the root (embeddings, norm, output).
+        # Mixed precision: fp32 shards, bf16 gather and compute, fp32 reduce-scatter.
+        fsdp_state = None
+        if plan.degrees["dp_shard"] * plan.degrees["cp"] * plan.degrees["dp_replicate"] > 1:
+            fsdp_state = fsdp.fully_shard(
+                model, list(model.layers.values()), groups["dp_shard_cp"], groups["dp_replicate"],
+                param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
+                reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
+            )
 
-        # 7. Materialize and initialize: the same global weights for every layout.
-        #    Master weights are float32 (float64 for exactness runs); bfloat16 compute uses
-        #    autocast, so matmuls run in bf16 while the optimizer updates fp32 weights.
-        model.to_empty(device=device)
+        # 7. Materialize and initialize: the same global weights for every layout
+        #    (each rank fills its shards from the global random streams). Master weights
+        #    are float32 (float64 for exactness runs). bfloat16 compute: FSDP gathers in
+        #    bf16; without FSDP, autocast runs the matmuls in bf16.
+        llama.materialize(model, device)
         llama.init_weights(model, args, t.seed)
         if dtype == torch.float64:
             model.to(torch.float64)
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
-                                     enabled=dtype == torch.bfloat16)
-        n_params = sum(p.numel() for p in model.parameters())
+                                     enabled=dtype == torch.bfloat16 and fsdp_state is None)
 
-        # 8. Optimizer.
+        # 8. Optimizer, over the shards.
         optimizer = build_optimizer(model, t)
         params = list(model.parameters())
+        if fsdp_state is not None:
+            fsdp.check_optimizer(optimizer)
 
         # 9. Loop.
         fpt = llama.flops_per_token(args, cfg.data.seq_len)
         peak, peak_source = peak_flops(cfg, device, dtype)
         non_dp = plan.degrees["tp"] * plan.degrees["pp"] * plan.degrees["cp"]  # ranks per data replica
         if rank == 0:
-            log(f"model {cfg.model.name}: {n_params:,} parameters, {fpt / 1e6:.1f} MFLOP/token | "
+            log(f"model {cfg.model.name}: {llama.num_params(args):,} parameters, {fpt / 1e6:.1f} MFLOP/token | "
                 f"peak {peak / 1e12:.3f} TFLOP/s ({peak_source}) | batch {t.batch_size} x {cfg.data.seq_len} "
                 f"= {plan.global_tokens:,} tokens/step, {plan.grad_accum} micro-steps of {t.micro_batch_size}/rank")
         metrics_file = open(os.path.join(cfg.run.dir, "metrics.jsonl"), "w") if rank == 0 else None
@@ -736,7 +763,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            for _ in range(plan.grad_accum):
+            for micro in range(plan.grad_accum):
+                if fsdp_state is not None and cfg.parallel.fsdp_reduce_per_step:
+                    fsdp.set_gradient_sync(fsdp_state, micro == plan.grad_accum - 1)
                 inputs, labels = next(loader)
                 inputs, labels = inputs.to(device), labels.to(device)
                 with autocast():
@@ -744,7 +773,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 loss = loss_fn(logits, labels, plan.global_tokens)
                 loss.backward()
                 loss_sum += loss.detach().double()
-            grad_norm = clip_grad_norm(params, t.max_norm)
+            grad_norm = clip_grad_norm(params, t.max_norm, groups["dp_shard_cp"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_since_log += plan.global_tokens
@@ -763,7 +792,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
                 if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == t.steps):
                     val_loader.load_state_dict(val_start)
-                    record["val_loss"] = evaluate(model, val_loader, cfg.run.eval_steps, groups["loss"], autocast, device)
+                    record["val_loss"] = evaluate(model, val_loader, cfg.run.eval_steps * plan.grad_accum,
+                                                  groups["loss"], autocast, device)
                 history.append(record)
                 if rank == 0:
                     mfu = f"{record['mfu']:.2f}%" if record["mfu"] is not None else "n/a"

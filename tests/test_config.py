@@ -128,6 +128,8 @@ def test_unimplemented_techniques_are_refused_not_ignored():
     cfg = cfg_of("parallel.tp=2")
     with pytest.raises(NotImplementedError, match="parallel.tp=2"):
         train.check_available(cfg, train.validate(cfg, 2))
+    cfg = cfg_of("parallel.dp_replicate=2", "training.micro_batch_size=2")  # FSDP / HSDP exist
+    train.check_available(cfg, train.validate(cfg, 4))
 
 
 # ---------------------------------------------------------------------------------------
