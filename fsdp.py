@@ -281,12 +281,19 @@ class FSDPUnit:
             state.callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(state.finish_backward)
         if self.full is None:
-            self.full = self.finish_gather()
-            self.swap(self.full)
+            self.regather()
         order = state.forward_order
         index = len(order) - 1 - order[::-1].index(self)
         if index > 0 and order[index - 1].full is None:  # prefetch the unit that ran before
             order[index - 1].start_gather()
+
+    def regather(self) -> None:
+        """Gather again for backward and swap in. The tensors require grad like the
+        shards, so an activation-checkpoint recompute saves exactly what the original
+        forward saved (an op on a weight without grad would save fewer tensors); their
+        gradients go nowhere: the recomputed graph is only used for its saved tensors."""
+        self.full = [t.requires_grad_(s.requires_grad) for t, s in zip(self.finish_gather(), self.shards)]
+        self.swap(self.full)
 
     # Saved-tensor hooks: a full parameter (or a view of it) saved by an op in forward
     # is stored as (index, size, stride, offset) and re-created in backward.
@@ -300,9 +307,8 @@ class FSDPUnit:
     def unpack(self, packed):
         if isinstance(packed, torch.Tensor):
             return packed
-        if self.full is None:  # the pre-backward hook has not run (e.g. AC recompute)
-            self.full = self.finish_gather()
-            self.swap(self.full)
+        if self.full is None:  # defensive: the pre-backward hook normally gathered already
+            self.regather()
         i, size, stride, offset = packed
         return self.full[i].as_strided(size, stride, offset)
 
