@@ -1,0 +1,184 @@
+"""Float8 linear layers through torch._scaled_mm, with dynamic tensorwise or rowwise scales.
+
+What it does
+    `convert_to_float8(model, recipe)` swaps eligible nn.Linear modules for
+    `Float8Linear` (same parameter objects and names). Its forward is the autograd
+    Function `Float8Matmul`: the three GEMMs of a linear layer,
+        out    = x @ W^T        (M, K) x (K, N)
+        grad_x = go @ W         (M, N) x (N, K)
+        grad_W = go^T @ x       (N, M) x (M, K)
+    each run by torch._scaled_mm on float8 operands with float32 dequantization scales,
+    the result in the compute dtype. Master weights, optimizer and everything outside
+    these matmuls stay in high precision.
+
+Formats and scales
+    e4m3 (max 448, 3 mantissa bits) carries activations and weights: more precision.
+    tensorwise: gradients go as e5m2 (max 57344, 2 mantissa bits): more range, since
+    gradient magnitudes vary more; one scale per tensor, scale = 448 / amax (57344 for
+    e5m2), computed in float64 then stored in float32, so x ~ x_f8 / scale. All
+    operands are quantized once; forward saves x and W already in float8.
+    rowwise: one scale per row along each GEMM's contraction dim, rounded down to a
+    power of two (exact in binary); gradients in e4m3 (torchao's rowwise recipe). A
+    tensor enters two GEMMs along different axes, so backward re-quantizes x and W
+    along the other axis from high precision (more accurate, more casts).
+    Casts saturate: values are clamped to +-max before .to(float8) (e5m2 would give inf).
+    amax is clamped to 1e-12 so an all-zero tensor does not divide by zero.
+
+torch._scaled_mm's rules (CUDA, enforced here on every device so CPU-green code runs
+on a GPU): the first operand row-major, the second column-major (we pass B.t() of a
+row-major (N, K)); K and N (and M for the weight-gradient GEMM) divisible by 16; scales
+are dequantization multipliers 1/scale: float32 scalars (tensorwise) or (M, 1) and
+(1, N) (rowwise); e5m2 x e5m2 is not allowed (go is paired with e4m3 operands).
+On CPU _scaled_mm runs (slowly) and equals dequantize-then-matmul bit for bit.
+
+Composition
+    Tensor parallel: a TP-sharded weight, a sequence-sharded input or a vocabulary-
+    sharded gradient each hold part of the logical tensor. Pass `amax_group` (the tp
+    group) and the tensorwise amaxes are all-reduced (MAX) over it, so every rank uses
+    the scale of the whole logical tensor and the result does not depend on the TP
+    degree. (Rowwise scales are per row of the contraction dim; TP shards would have to
+    split along rows only; the amax group is not used there.)
+    FSDP: the forward sees the all-gathered full weight, so its amax is global already.
+
+Communication: with amax_group, three all-reduces of one float per linear per step
+(x and W in forward, go in backward). Memory: forward saves x and W in float8
+(tensorwise: 1 byte per element instead of 2 or 4).
+
+What TorchTitan / torchao do that this file does not
+    Float8 all-gather of FSDP weights (cast before the gather, halving its bytes) and
+    float8 TP all-gathers; torch.compile fusion of the casts (we run them eagerly: on a
+    GPU, compile is what makes float8 fast); delayed scaling (removed from torchao);
+    the rowwise_with_gw_hp recipe; `pad_inner_dim` (we skip layers whose dims do not
+    divide by 16, and say so).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+RECIPES = ("tensorwise", "rowwise")
+EPS = 1e-12
+
+
+def _amax(x: torch.Tensor, dim: int | None, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """max |x| over the whole tensor (dim None) or along `dim` (keepdim), float32."""
+    amax = x.detach().abs().amax() if dim is None else x.detach().abs().amax(dim=dim, keepdim=True)
+    amax = amax.float()
+    if group is not None and dim is None and dist.get_world_size(group) > 1:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)  # comm: tp group, one float
+    return amax
+
+
+def to_float8(x: torch.Tensor, dtype: torch.dtype, dim: int | None = None, pow2: bool = False,
+              group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize: (x_f8, inverse scale) with x ~ x_f8 * inverse_scale. dim=None: one
+    scale for the tensor; dim=d: one scale per slice along d (reduced over d)."""
+    fmax = torch.finfo(dtype).max
+    scale = (fmax / torch.clamp(_amax(x, dim, group).double(), min=EPS)).float()
+    if pow2:  # round down to a power of two: multiplying by it is exact
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    x_f8 = torch.clamp(x.float() * scale, -fmax, fmax).to(dtype)
+    return x_f8, scale.reciprocal()
+
+
+def _col_major(t: torch.Tensor) -> torch.Tensor:
+    """The same matrix stored column-major, as _scaled_mm wants its second operand."""
+    return t.t().contiguous().t()
+
+
+def scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """(a * a_inv) @ (b * b_inv) with a (M, K) row-major and b (K, N) column-major."""
+    M, K = a.shape
+    N = b.shape[1]
+    if K % 16 or N % 16:
+        raise ValueError(f"float8 matmul ({M}, {K}) x ({K}, {N}): K and N must be divisible by 16")
+    return torch._scaled_mm(a.contiguous(), b, a_inv, b_inv, out_dtype=out_dtype)
+
+
+class Float8Matmul(torch.autograd.Function):
+    """x (M, K) @ w (N, K)^T -> (M, N), all three GEMMs in float8."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, recipe: str, group) -> torch.Tensor:
+        ctx.recipe, ctx.group, ctx.out_dtype = recipe, group, x.dtype
+        if recipe == "tensorwise":
+            x_f8, x_inv = to_float8(x, E4M3, group=group)
+            w_f8, w_inv = to_float8(w, E4M3, group=group)
+            ctx.save_for_backward(x_f8, x_inv, w_f8, w_inv)
+            return scaled_mm(x_f8, x_inv, w_f8.t(), w_inv, x.dtype)
+        x_f8, x_inv = to_float8(x, E4M3, dim=1, pow2=True)  # (M, 1): per row over K
+        w_f8, w_inv = to_float8(w, E4M3, dim=1, pow2=True)  # (N, 1): per row over K
+        ctx.save_for_backward(x, w)
+        return scaled_mm(x_f8, x_inv, w_f8.t(), w_inv.view(1, -1), x.dtype)  # scale_b (1, N)
+
+    @staticmethod
+    def backward(ctx, go: torch.Tensor):
+        if ctx.recipe == "tensorwise":
+            x_f8, x_inv, w_f8, w_inv = ctx.saved_tensors
+            go_f8, go_inv = to_float8(go, E5M2, group=ctx.group)  # (M, N), range over precision
+            grad_x = scaled_mm(go_f8, go_inv, _col_major(w_f8), w_inv, ctx.out_dtype)  # (M, K)
+            grad_w = scaled_mm(go_f8.t(), go_inv, _col_major(x_f8), x_inv, ctx.out_dtype)  # (N, K)
+            return grad_x, grad_w, None, None
+        x, w = ctx.saved_tensors
+        # grad_x = go @ w: contraction over N -> go per row (M, 1), w per column (1, K).
+        go_f8, go_inv = to_float8(go, E4M3, dim=1, pow2=True)
+        w_f8, w_inv = to_float8(w, E4M3, dim=0, pow2=True)
+        grad_x = scaled_mm(go_f8, go_inv, _col_major(w_f8), w_inv, ctx.out_dtype)
+        # grad_w = go^T @ x: contraction over M -> go per column (N, 1), x per column (1, K).
+        goT_f8, goT_inv = to_float8(go, E4M3, dim=0, pow2=True)
+        x_f8, x_inv = to_float8(x, E4M3, dim=0, pow2=True)
+        grad_w = scaled_mm(goT_f8.t(), goT_inv.view(-1, 1), _col_major(x_f8), x_inv, ctx.out_dtype)
+        return grad_x, grad_w.to(w.dtype), None, None
+
+
+class Float8Linear(nn.Linear):
+    """nn.Linear (no bias) whose matmul runs in float8. Tensor parallel styles shard it
+    like any linear; `amax_group` makes the tensorwise scales global over TP shards."""
+
+    recipe: str = "tensorwise"
+    amax_group: dist.ProcessGroup | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # as nn.Linear would: compute in the autocast dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (M, K), M = all leading dims
+        if x2.shape[0] % 16:
+            raise ValueError(f"float8 linear: {x2.shape[0]} tokens per matmul (batch x sequence) must be "
+                             f"divisible by 16 for the weight-gradient GEMM")
+        w = self.weight.to(x.dtype) if self.weight.dtype != x.dtype else self.weight
+        out = Float8Matmul.apply(x2, w, self.recipe, self.amax_group)
+        return out.reshape(*shape[:-1], -1)
+
+
+def convert_to_float8(model: nn.Module, recipe: str = "tensorwise", skip: tuple[str, ...] = ("output",),
+                      amax_group: dist.ProcessGroup | None = None) -> list[tuple[str, str]]:
+    """Swap every eligible nn.Linear of `model` for a Float8Linear holding the same
+    weight Parameter. Returns (name, reason) for every linear left in high precision."""
+    if recipe not in RECIPES:
+        raise ValueError(f"float8.recipe={recipe!r} does not exist; choose one of {list(RECIPES)}")
+    skipped = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        n, k = module.weight.shape
+        if name in skip or name.split(".")[-1] in skip:
+            reason = "excluded by name (kept in high precision for accuracy)"
+        elif module.bias is not None:
+            reason = "has a bias (Float8Linear has none)"
+        elif k % 16 or n % 16:
+            reason = f"weight ({n}, {k}): _scaled_mm needs both dims divisible by 16"
+        else:
+            with torch.device("meta"):
+                new = Float8Linear(k, n, bias=False)
+            new.weight = module.weight  # the same Parameter object: names, attributes, optimizer
+            new.recipe, new.amax_group = recipe, amax_group
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+            continue
+        skipped.append((name, reason))
+    return skipped
