@@ -2,6 +2,7 @@
 
     python bench.py mfu        # single-process training: MFU and where the step time goes
     python bench.py fsdp       # ours vs PyTorch FSDP2 on 2 and 4 gloo ranks: time, memory, bytes
+    python bench.py float8     # float8 linear (torch._scaled_mm) vs bf16/fp32 on Llama 3 8B shapes
 
 Protocol (DESIGN.md): compare like with like on the same machine in the same run,
 interleave repetitions, report the median and the min; on CPU, MFU is against this
@@ -25,6 +26,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
+import float8
 import fsdp
 import llama
 import train
@@ -480,6 +482,133 @@ def bench_fsdp(ranks: list[int], steps: int, warmup: int, rounds: int, dim: int,
                 print("; ".join(f"{k} {t * 1e3:.1f} ({c})" for k, t, c in top))
 
 
+# ---------------------------------------------------------------------------------------
+# float8: Float8Linear's matmul (float8.py, torch._scaled_mm) against a high-precision linear
+
+# Llama 3 8B (dim 4096, 32 heads, 8 KV heads, FFN 14336): the distinct (K -> N) shapes of a block.
+LLAMA3_8B_LINEARS = (("wq, wo", 4096, 4096), ("wk, wv", 4096, 1024), ("w1, w3", 4096, 14336),
+                     ("w2", 14336, 4096))
+
+
+def _linear_hp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w)
+
+
+def _linear_f8_tensorwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return float8.Float8Matmul.apply(x, w, "tensorwise", None)
+
+
+def _linear_f8_rowwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return float8.Float8Matmul.apply(x, w, "rowwise", None)
+
+
+def _sqnr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
+    """10 log10(|ref|^2 / |ref - y|^2), in float64."""
+    ref = ref.double()
+    noise = (ref - y.double()).pow(2).sum()
+    return float("inf") if noise == 0 else 10 * math.log10(ref.pow(2).sum().item() / noise.item())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_float8(M: int | None, reps: int | None, warmup: int | None, compile_: bool) -> None:
+    """Forward + backward of one linear (out = x W^T, grad_x, grad_W) on the Llama 3 8B
+    block shapes: float8.Float8Matmul (tensorwise, rowwise) against F.linear in bf16
+    (and float32 on CPU), the same bf16-representable inputs for all. Interleaved
+    repetitions; speedup = baseline time / this time (> 1: faster). Numerics: SQNR of the
+    output, grad_x and grad_W against float64 on the same inputs, from the last warmup
+    run. On CUDA this is the speed comparison (target: float8 >= 1.3x bf16 on the FFN
+    shapes with --compile, H100); on CPU, where _scaled_mm and bf16 matmul are both
+    slow emulations, it only demonstrates the numerics."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    M = M or (8192 if cuda else 256)
+    reps = reps or (20 if cuda else 3)
+    warmup = warmup if warmup is not None else (3 if cuda else 1)
+    warmup = max(1, warmup)  # the last warmup run gives the numerics
+    if M % 16:
+        raise ValueError(f"--M {M}: the weight-gradient GEMM contracts over M, which must be divisible by 16")
+    impls = {"bf16": (_linear_hp, torch.bfloat16)}
+    if not cuda:
+        impls["fp32"] = (_linear_hp, torch.float32)
+    impls["float8 tensorwise"] = (_linear_f8_tensorwise, torch.bfloat16)
+    impls["float8 rowwise"] = (_linear_f8_rowwise, torch.bfloat16)
+    baselines = [n for n in impls if not n.startswith("float8")]
+
+    print(f"\nFloat8 linear (float8.py, torch._scaled_mm) vs high-precision F.linear, forward + backward, "
+          f"{machine()}{f', {torch.get_num_threads()} host thread(s)' if cuda else ''}, torch {torch.__version__}")
+    if cuda:
+        print(f"device: CUDA GPU. This is the speed comparison: float8 vs bf16 (goal: >= 1.3x on the 8B FFN "
+              f"shapes on an H100 with --compile){'' if compile_ else '; eager (run with --compile for fused casts)'}")
+    else:
+        print("device: CPU. A NUMERICS DEMONSTRATION, not a speed result: torch._scaled_mm on CPU is an "
+              "emulation-grade kernel and bf16 matmul is emulated on this CPU (no AVX512-BF16/AMX), so the "
+              "times say nothing about a GPU; fp32 is this CPU's native-speed baseline")
+    print(f"Llama 3 8B block shapes, M = {M} tokens per matmul{'' if cuda else ' (the CPU default, so the run takes minutes: at M = 1024 one rep of the emulated bf16 baseline alone takes ~1 min here; 8192 on a GPU)'}; "
+          f"x ~ N(0, 1), W ~ N(0, 0.02^2), grad_out ~ N(0, 1), all rounded to bf16 and shared by every impl; "
+          f"float8 with bf16 inputs and outputs (as under autocast); {'torch.compile (dynamic=False) on each impl' if compile_ else 'eager'}; "
+          f"{reps} interleaved reps after {warmup} warmup run(s) each; time = median (min); "
+          f"speedup = baseline / impl, median (min); SQNR (dB) vs float64 from the last warmup run; "
+          f"TFLOP/s = 6 M K N / median")
+    cols = " | ".join(f"speedup vs {b}" for b in baselines)
+    print(f"\n| layer | M x K -> N | impl | fwd+bwd median (min) | TFLOP/s | {cols} | SQNR out / grad_x / grad_W (dB) |")
+    print("|---|---|---|---|---|" + "---|" * len(baselines) + "---|")
+
+    gen = torch.Generator().manual_seed(0)
+    load0, start = os.getloadavg()[0], time.perf_counter()
+    for label, K, N in LLAMA3_8B_LINEARS:
+        if compile_:
+            torch._dynamo.reset()  # a fresh static-shape compile per shape
+        x0 = torch.randn(M, K, generator=gen).bfloat16().to(device)
+        w0 = (0.02 * torch.randn(N, K, generator=gen)).bfloat16().to(device)
+        go0 = torch.randn(M, N, generator=gen).bfloat16().to(device)
+        x64, w64, go64 = x0.double(), w0.double(), go0.double()
+        ref = (x64 @ w64.t(), go64 @ w64, go64.t() @ x64)  # out, grad_x, grad_W
+        del x64, w64, go64
+
+        runs = {}
+        for name, (fn, dtype) in impls.items():
+            f = torch.compile(fn, dynamic=False) if compile_ else fn
+            x = x0.to(dtype, copy=True).requires_grad_()  # a leaf of its own per impl
+            w = w0.to(dtype, copy=True).requires_grad_()
+            runs[name] = (f, x, w, go0.to(dtype))
+
+        def run(name: str) -> tuple[float, tuple[torch.Tensor, ...]]:
+            f, x, w, go = runs[name]
+            x.grad = w.grad = None
+            _sync(device)
+            start = time.perf_counter()
+            out = f(x, w)
+            out.backward(go)
+            _sync(device)
+            return time.perf_counter() - start, (out.detach(), x.grad, w.grad)
+
+        sqnr = {}
+        for name in impls:
+            for _ in range(warmup):
+                _, outs = run(name)
+            sqnr[name] = [_sqnr_db(r, o) for r, o in zip(ref, outs)]
+            del outs
+        times = {name: [] for name in impls}
+        for _ in range(reps):  # interleaved: bf16, (fp32,) tensorwise, rowwise, bf16, ...
+            for name in impls:
+                times[name].append(run(name)[0])
+        del runs, ref
+
+        flops = 6 * M * K * N
+        med = {n: statistics.median(t) for n, t in times.items()}
+        low = {n: min(t) for n, t in times.items()}
+        for name in impls:
+            speedups = " | ".join(f"{med[b] / med[name]:.2f}x ({low[b] / low[name]:.2f})" for b in baselines)
+            print(f"| {label} | {M} x {K} -> {N} | {name} | {med[name] * 1e3:.1f} ms ({low[name] * 1e3:.1f}) "
+                  f"| {flops / med[name] / 1e12:.3g} | {speedups} | {' / '.join(f'{s:.1f}' for s in sqnr[name])} |")
+    print(f"\n{time.perf_counter() - start:.0f} s in all; 1-min load average {load0:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores: other processes on this machine skew the times)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -498,12 +627,20 @@ def main() -> None:
     fs.add_argument("--seq", type=int, default=256)
     fs.add_argument("--micro", type=int, default=1, help="micro-batches per step")
     fs.add_argument("--profile", type=int, default=0, help="print the top N self-time ops of one step (rank 0)")
+    f8 = sub.add_parser("float8", help="float8 linear vs bf16 (and fp32 on CPU) on Llama 3 8B shapes: "
+                                        "fwd+bwd time and SQNR")
+    f8.add_argument("--M", type=int, default=None, help="tokens per matmul (default 8192 on CUDA, 256 on CPU)")
+    f8.add_argument("--reps", type=int, default=None, help="timed interleaved reps (default 20 on CUDA, 3 on CPU)")
+    f8.add_argument("--warmup", type=int, default=None, help="untimed runs per impl first (default 3 on CUDA, 1 on CPU)")
+    f8.add_argument("--compile", action="store_true", help="wrap every impl in torch.compile (slow to compile on CPU)")
     cli = parser.parse_args()
     if cli.bench == "mfu":
         bench_mfu(cli.steps, cli.warmup, cli.dtypes)
     elif cli.bench == "fsdp":
         bench_fsdp(cli.ranks, cli.steps, cli.warmup, cli.rounds, cli.dim, cli.layers, cli.batch, cli.seq,
                    cli.micro, cli.profile)
+    elif cli.bench == "float8":
+        bench_float8(cli.M, cli.reps, cli.warmup, cli.compile)
 
 
 if __name__ == "__main__":

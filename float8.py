@@ -90,13 +90,15 @@ def _col_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
-              out_dtype: torch.dtype) -> torch.Tensor:
-    """(a * a_inv) @ (b * b_inv) with a (M, K) row-major and b (K, N) column-major."""
+              out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """(a * a_inv) @ (b * b_inv) with a (M, K) row-major and b (K, N) column-major.
+    fast_accum: CUDA's lower-precision accumulation, used (as torchao does) for the
+    forward GEMM only; gradients accumulate in full precision. No effect on CPU."""
     M, K = a.shape
     N = b.shape[1]
     if K % 16 or N % 16:
         raise ValueError(f"float8 matmul ({M}, {K}) x ({K}, {N}): K and N must be divisible by 16")
-    return torch._scaled_mm(a.contiguous(), b, a_inv, b_inv, out_dtype=out_dtype)
+    return torch._scaled_mm(a.contiguous(), b, a_inv, b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 class Float8Matmul(torch.autograd.Function):
@@ -109,11 +111,11 @@ class Float8Matmul(torch.autograd.Function):
             x_f8, x_inv = to_float8(x, E4M3, group=group)
             w_f8, w_inv = to_float8(w, E4M3, group=group)
             ctx.save_for_backward(x_f8, x_inv, w_f8, w_inv)
-            return scaled_mm(x_f8, x_inv, w_f8.t(), w_inv, x.dtype)
+            return scaled_mm(x_f8, x_inv, w_f8.t(), w_inv, x.dtype, fast_accum=True)
         x_f8, x_inv = to_float8(x, E4M3, dim=1, pow2=True)  # (M, 1): per row over K
         w_f8, w_inv = to_float8(w, E4M3, dim=1, pow2=True)  # (N, 1): per row over K
         ctx.save_for_backward(x, w)
-        return scaled_mm(x_f8, x_inv, w_f8.t(), w_inv.view(1, -1), x.dtype)  # scale_b (1, N)
+        return scaled_mm(x_f8, x_inv, w_f8.t(), w_inv.view(1, -1), x.dtype, fast_accum=True)  # scale_b (1, N)
 
     @staticmethod
     def backward(ctx, go: torch.Tensor):
@@ -143,15 +145,19 @@ class Float8Linear(nn.Linear):
     amax_group: dist.ProcessGroup | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):  # as nn.Linear would: compute in the autocast dtype
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # as nn.Linear would: compute in the autocast dtype
+            x = x.to(torch.get_autocast_dtype(device))
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, K), M = all leading dims
         if x2.shape[0] % 16:
             raise ValueError(f"float8 linear: {x2.shape[0]} tokens per matmul (batch x sequence) must be "
                              f"divisible by 16 for the weight-gradient GEMM")
         w = self.weight.to(x.dtype) if self.weight.dtype != x.dtype else self.weight
-        out = Float8Matmul.apply(x2, w, self.recipe, self.amax_group)
+        # Autocast off inside: CPU autocast would round the dequantized operands of
+        # _scaled_mm to bf16 before multiplying (the dtypes are already chosen here).
+        with torch.autocast(device, enabled=False):
+            out = Float8Matmul.apply(x2, w, self.recipe, self.amax_group)
         return out.reshape(*shape[:-1], -1)
 
 
