@@ -250,7 +250,7 @@ def _fsdp_setup(impl: str, args: llama.ModelArgs, state: dict, world: int):
     model = llama.build_model(args, "cpu")
     model.load_state_dict(state)
     if impl == "ours":
-        fsdp.fully_shard(model, list(model.layers.values()), dist.group.WORLD)
+        fsdp.apply_fsdp(model, list(model.layers.values()), dist.group.WORLD)
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard

@@ -1,7 +1,7 @@
 """Fully sharded data parallel (ZeRO-3, FSDP2-style) and HSDP on plain collectives.
 
 What it does
-    `fully_shard(model, units, group)` replaces every parameter of `model` by this
+    `apply_fsdp(model, units, group)` replaces every parameter of `model` by this
     rank's dim-0 shard of it: afterwards the module's parameters ARE the shards, so the
     optimizer, gradient clipping and checkpointing see only shards. Each unit (a module,
     e.g. every transformer block, plus the root for the parameters left over) gathers
@@ -335,7 +335,7 @@ class GatherParams(torch.autograd.Function):
         return (None,) * (len(grads) + 1)
 
 
-def fully_shard(
+def apply_fsdp(
     model: nn.Module,
     units: list[nn.Module],
     group: dist.ProcessGroup,
@@ -354,7 +354,7 @@ def fully_shard(
     gradient reduction dtype (None: float32 under a 16-bit param_dtype, else the
     parameters' own)."""
     if group is None:
-        raise ValueError("fully_shard: pass the shard process group (a group of size 1 is fine)")
+        raise ValueError("apply_fsdp: pass the shard process group (a group of size 1 is fine)")
     if reduce_dtype is None and param_dtype in (torch.bfloat16, torch.float16):
         reduce_dtype = torch.float32
     state = FSDPState(group, replicate_group, param_dtype, reduce_dtype, reshard_after_forward)
@@ -363,7 +363,7 @@ def fully_shard(
         params = [(owner, name, p) for owner in module.modules() for name, p in owner.named_parameters(recurse=False)
                   if id(p) not in owned and not getattr(p, "fsdp_shard", False)]
         if not params:
-            raise ValueError(f"fully_shard: unit {type(module).__name__} has no parameters of its own to shard")
+            raise ValueError(f"apply_fsdp: unit {type(module).__name__} has no parameters of its own to shard")
         owned.update(id(p) for _, _, p in params)
         unit = FSDPUnit(state, module, params, reshard_after_forward and module is not model)
         module.register_forward_pre_hook(unit.pre_forward)
@@ -387,5 +387,5 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
             if not getattr(p, "fsdp_shard", False):
                 raise ValueError(
                     f"optimizer holds an unsharded parameter of shape {tuple(p.shape)}: build the optimizer "
-                    f"after fully_shard, from model.parameters() (which are then the shards)"
+                    f"after apply_fsdp, from model.parameters() (which are then the shards)"
                 )

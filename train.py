@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # Mixed precision: fp32 shards, bf16 gather and compute, fp32 reduce-scatter.
         fsdp_state = None
         if plan.degrees["dp_shard"] * plan.degrees["cp"] * plan.degrees["dp_replicate"] > 1:
-            fsdp_state = fsdp.fully_shard(
+            fsdp_state = fsdp.apply_fsdp(
                 model, list(model.layers.values()), groups["dp_shard_cp"], groups["dp_replicate"],
                 param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
                 reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,

@@ -62,9 +62,9 @@ def _reference(args: llama.ModelArgs, dtype: torch.dtype) -> llama.Transformer:
 
 
 def _sharded(args: llama.ModelArgs, dtype: torch.dtype, group, **kwargs) -> tuple[llama.Transformer, fsdp.FSDPState]:
-    """As train.py: meta model -> fully_shard -> materialize -> init the shards."""
+    """As train.py: meta model -> apply_fsdp -> materialize -> init the shards."""
     model = llama.build_model(args, "meta")
-    state = fsdp.fully_shard(model, list(model.layers.values()), group, **kwargs)
+    state = fsdp.apply_fsdp(model, list(model.layers.values()), group, **kwargs)
     llama.materialize(model, "cpu")
     llama.init_weights(model, args, 0)
     return model.to(dtype), state
@@ -635,10 +635,10 @@ def _pos(events, kind, unit):
 # 7. Bad input
 
 
-def test_fully_shard_needs_a_group():
+def test_apply_fsdp_needs_a_group():
     model = llama.build_model(_args("even"))
     with pytest.raises(ValueError, match="process group"):
-        fsdp.fully_shard(model, list(model.layers.values()), None)
+        fsdp.apply_fsdp(model, list(model.layers.values()), None)
 
 
 def _bad_input(rank: int, world: int) -> dict:
@@ -649,13 +649,13 @@ def _bad_input(rank: int, world: int) -> dict:
         blocks = list(model.layers.values())
         units = blocks + [blocks[-1]] if case == "block twice" else [nn.Identity(), *blocks]
         try:
-            fsdp.fully_shard(model, units, dist.group.WORLD)
+            fsdp.apply_fsdp(model, units, dist.group.WORLD)
             out[case] = None
         except ValueError as e:
             out[case] = str(e)
     model = _reference(args, torch.float32)
     early = torch.optim.AdamW(model.parameters())  # built before sharding: holds the full parameters
-    fsdp.fully_shard(model, list(model.layers.values()), dist.group.WORLD)
+    fsdp.apply_fsdp(model, list(model.layers.values()), dist.group.WORLD)
     try:
         fsdp.check_optimizer(early)
         out["early optimizer"] = None
@@ -681,7 +681,7 @@ def test_bad_units_optimizer_built_before_sharding_and_a_skipped_backward():
     out = run_on_ranks(_bad_input, 2)[0]
     assert "TransformerBlock has no parameters of its own" in out["block twice"]
     assert "Identity has no parameters of its own" in out["identity"]
-    assert "after fully_shard" in out["early optimizer"] and "unsharded parameter" in out["early optimizer"]
+    assert "after apply_fsdp" in out["early optimizer"] and "unsharded parameter" in out["early optimizer"]
     assert "['TransformerBlock', 'TransformerBlock'] never ran" in out["no backward"], out["no backward"]
 
 
