@@ -99,10 +99,9 @@ def _size(group: dist.ProcessGroup | None) -> int:
 class FSDPState:
     """What the units of one model share: forward order, pending reduce-scatters."""
 
-    def __init__(self, group, replicate_group, param_dtype, reduce_dtype, reshard_after_forward):
+    def __init__(self, group, replicate_group, param_dtype, reduce_dtype):
         self.group, self.replicate_group = group, replicate_group
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
-        self.reshard_after_forward = reshard_after_forward
         self.units: list[FSDPUnit] = []
         self.forward_order: list[FSDPUnit] = []  # units in the order their forward ran
         self.pending: list[tuple[FSDPUnit, dist.Work | None, torch.Tensor]] = []  # reduce-scatters
@@ -147,7 +146,7 @@ class FSDPUnit:
         self.shapes = [p.shape for _, _, p in params]  # full (unsharded) shapes
         self.rows = [math.ceil(s[0] / W) for s in self.shapes]  # c_i
         self.numels = [c * math.prod(s[1:]) for c, s in zip(self.rows, self.shapes)]  # padded shard numel
-        self.world, self.rank = W, r
+        self.world = W
         self.shards: list[nn.Parameter] = []
         for (owner, name, p), c in zip(params, self.rows):
             shard = torch.zeros((c, *p.shape[1:]), dtype=p.dtype, device=p.device)
@@ -357,7 +356,7 @@ def apply_fsdp(
         raise ValueError("apply_fsdp: pass the shard process group (a group of size 1 is fine)")
     if reduce_dtype is None and param_dtype in (torch.bfloat16, torch.float16):
         reduce_dtype = torch.float32
-    state = FSDPState(group, replicate_group, param_dtype, reduce_dtype, reshard_after_forward)
+    state = FSDPState(group, replicate_group, param_dtype, reduce_dtype)
     owned: set[int] = set()
     for module in [*units, model]:
         params = [(owner, name, p) for owner in module.modules() for name, p in owner.named_parameters(recurse=False)

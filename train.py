@@ -158,7 +158,7 @@ CHOICES = {
     "training.optimizer": ("adamw", "sgd"),
     "training.dtype": ("bfloat16", "float32", "float64"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
-    "float8.recipe": ("tensorwise", "rowwise"),
+    "float8.recipe": float8.RECIPES,
     "activation_checkpoint.mode": ("none", "full", "selective"),
 }
 
