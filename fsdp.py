@@ -154,8 +154,10 @@ class FSDPUnit:
                 rows = p.detach()[r * c: (r + 1) * c]
                 shard[: rows.shape[0]].copy_(rows)
             shard = nn.Parameter(shard, requires_grad=p.requires_grad)
-            # Where this shard sits in the global tensor, for layout-independent init and
-            # checkpoints (composes with an earlier tensor-parallel split of p).
+            # The attributes earlier techniques set on p (tensor parallel's tp_shard_dim,
+            # tp_partial_grad) carry over; where this shard sits in the global tensor, for
+            # layout-independent init and checkpoints, composes with an earlier split of p.
+            shard.__dict__.update(p.__dict__)
             offset = tuple(getattr(p, "global_offset", (0,) * p.dim()))
             shard.global_shape = getattr(p, "global_shape", p.shape)
             shard.global_offset = (offset[0] + r * c, *offset[1:])

@@ -23,6 +23,10 @@ Hooks the parallel techniques use (none of them is imported here)
       tensor-parallel wq holding H/tp heads just works (same for wk/wv and KV heads).
     * `Attention.attention_fn(q, k, v)` is a replaceable attribute; the default is causal
       `F.scaled_dot_product_attention`. Context parallelism swaps in ring attention.
+    * `input_proj_fn(x, linears) -> outputs` (wq/wk/wv of Attention, w1/w3 of FeedForward:
+      the projections that read the same input) and `output_proj_fn(x, linear)` (wo, w2)
+      are replaceable attributes too; the defaults call the linears. Tensor parallelism
+      puts its collectives there (one all-gather for the three of wq/wk/wv, not three).
     * `forward(tokens, positions)` accepts the RoPE position of every token, for a rank
       that holds a non-contiguous piece of the sequence (load-balanced CP).
     * Layout-independent init (`init_weights`): every parameter is filled from random
@@ -192,6 +196,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
+def apply_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """Default input_proj_fn: the projections that read the same input (wq/wk/wv, w1/w3)."""
+    return [linear(x) for linear in linears]
+
+
+def apply_linear(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """Default output_proj_fn: the projection back into the residual stream (wo, w2)."""
+    return linear(x)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -200,19 +214,24 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        # Replaceable: context parallelism sets its ring attention here.
+        # Replaceable: context parallelism sets its ring attention here; tensor parallelism
+        # sets the projections (their collectives, and async TP's fused gather-matmul).
         self.attention_fn: Callable[..., torch.Tensor] = causal_attention
+        self.input_proj_fn: Callable[..., list[torch.Tensor]] = apply_linears
+        self.output_proj_fn: Callable[..., torch.Tensor] = apply_linear
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
         # Head counts come from the weights, so tensor-parallel shards (H/tp heads) work.
-        q = self.wq(x).view(B, S, -1, self.head_dim)  # (B, S, H, hd)
-        k = self.wk(x).view(B, S, -1, self.head_dim)  # (B, S, Hkv, hd)
-        v = self.wv(x).view(B, S, -1, self.head_dim)  # (B, S, Hkv, hd)
+        q, k, v = self.input_proj_fn(x, (self.wq, self.wk, self.wv))
+        S = q.shape[1]  # the full sequence, also when x holds a sequence-parallel shard
+        q = q.view(B, S, -1, self.head_dim)  # (B, S, H, hd)
+        k = k.view(B, S, -1, self.head_dim)  # (B, S, Hkv, hd)
+        v = v.view(B, S, -1, self.head_dim)  # (B, S, Hkv, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = out.transpose(1, 2).reshape(B, S, -1)  # (B, S, H*hd)
-        return self.wo(out)
+        return self.output_proj_fn(out, self.wo)
 
 
 class FeedForward(nn.Module):
@@ -221,9 +240,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # gate
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
         self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # up
+        # Replaceable, as in Attention (tensor parallelism).
+        self.input_proj_fn: Callable[..., list[torch.Tensor]] = apply_linears
+        self.output_proj_fn: Callable[..., torch.Tensor] = apply_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.input_proj_fn(x, (self.w1, self.w3))
+        return self.output_proj_fn(F.silu(gate) * up, self.w2)
 
 
 class TransformerBlock(nn.Module):
@@ -262,10 +285,11 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, S) int64 -> logits (B, S, vocab). On a pipeline stage without
         tok_embeddings, `tokens` is the hidden state (B, S, dim); without `output`, the
-        hidden state is returned. positions: (S,) or (B, S) RoPE positions, default 0..S-1."""
+        hidden state is returned. positions: (S,) or (B, S) RoPE positions, default 0..S-1
+        (a stage fed a sequence-parallel hidden state (B, S/tp, dim) must pass them)."""
+        if positions is None:  # from the ids: under sequence parallel h holds S/tp of them
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        if positions is None:
-            positions = torch.arange(h.shape[1], device=h.device)
         # RoPE is applied in float32 (float64 in exactness runs), as Meta does.
         rope_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         cos, sin = rope_cos_sin(self.args, positions, rope_dtype)

@@ -47,6 +47,7 @@ import data
 import float8
 import fsdp
 import llama
+import tensor_parallel
 
 # ---------------------------------------------------------------------------------------
 # 1. Config: typed dataclasses, mirrored one to one by the YAML sections
@@ -336,6 +337,24 @@ def validate(cfg: Config, world_size: int) -> Plan:
             f"parallel.tp={tp} must divide model.n_heads={args.n_heads} and model.n_kv_heads={args.kv_heads} "
             f"(each TP rank holds whole heads); pick tp from the common divisors"
         )
+    if tp > 1:
+        for what, size in (("model.vocab_size", args.vocab_size), ("the FFN hidden dim (model.dim, "
+                           "ffn_dim_multiplier, multiple_of)", args.ffn_dim)):
+            if size % tp:
+                raise ValueError(f"parallel.tp={tp} must divide {what} = {size} (tensor parallel splits it)")
+        if p.sequence_parallel and cfg.data.seq_len % (tp * (2 * cp if cp > 1 else 1)):
+            need = tp * (2 * cp if cp > 1 else 1)
+            raise ValueError(
+                f"data.seq_len={cfg.data.seq_len} is not divisible by {need} (parallel.tp={tp}"
+                f"{f' x 2 x parallel.cp={cp}' if cp > 1 else ''}): sequence parallel splits each sequence "
+                f"over the tp ranks; change data.seq_len or set parallel.sequence_parallel=false"
+            )
+        if p.async_tp and not p.sequence_parallel:
+            raise ValueError("parallel.async_tp=true needs parallel.sequence_parallel=true (async TP overlaps the "
+                             "sequence all-gather / reduce-scatter, which exist only with sequence parallel)")
+        if p.async_tp and cfg.float8.enabled:
+            raise ValueError("parallel.async_tp=true with float8.enabled=true: the async TP ring runs plain "
+                             "matmuls, not float8 ones; turn one of them off")
     if cp > 1 and cfg.data.seq_len % (2 * cp):
         raise ValueError(
             f"data.seq_len={cfg.data.seq_len} is not divisible by 2 * parallel.cp = {2 * cp} "
@@ -378,13 +397,13 @@ def validate(cfg: Config, world_size: int) -> Plan:
 
 def check_available(cfg: Config, plan: Plan) -> None:
     """Stop with a clear message when the config asks for a technique this build lacks."""
-    missing = [f"parallel.{d}={n}" for d, n in plan.degrees.items() if n > 1 and d in ("pp", "cp", "tp")]
+    missing = [f"parallel.{d}={n}" for d, n in plan.degrees.items() if n > 1 and d in ("pp", "cp")]
     if cfg.checkpoint.interval > 0 or cfg.checkpoint.load is not None:
         missing.append("checkpoint.interval / checkpoint.load")
     if missing:
         raise NotImplementedError(
             f"{', '.join(missing)}: this build has no implementation for it yet (data parallel only: "
-            f"FSDP / HSDP); set parallel.pp, parallel.cp and parallel.tp to 1 and checkpointing off"
+            f"FSDP / HSDP, and TP); set parallel.pp and parallel.cp to 1 and checkpointing off"
         )
 
 
@@ -509,8 +528,12 @@ def lr_at(step: int, t: TrainingConfig) -> float:
     return t.lr - (t.lr - min_lr) * (progress - decay_start) / t.wsd_decay_fraction
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, global_tokens: int) -> torch.Tensor:
-    """Sum of token cross-entropies / tokens in the global batch (float32 or better)."""
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, global_tokens: int,
+            vocab_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum of token cross-entropies / tokens in the global batch (float32 or better).
+    vocab_group: the logits are this rank's vocabulary shard (loss parallel over tp)."""
+    if vocab_group is not None:
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels, vocab_group).sum() / global_tokens
     logits = logits.flatten(0, 1)  # (B*S, vocab)
     if logits.dtype in (torch.bfloat16, torch.float16):
         logits = logits.float()
@@ -518,14 +541,26 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, global_tokens: int) -> t
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float, shard_group: dist.ProcessGroup | None = None
-                   ) -> torch.Tensor:
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, shard_group: dist.ProcessGroup | None = None,
+                   tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Global L2 norm of all gradients; scales them down to max_norm if above (and
     max_norm > 0). With FSDP every rank of `shard_group` holds disjoint shards (padding
     rows have zero gradient), so the squared norms are summed over it; replicas (HSDP)
-    hold the same shards and are not summed."""
-    grads = [p.grad for p in params if p.grad is not None]
-    square = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads]).sum()
+    hold the same shards and are not summed. With TP, the squares of tensor-parallel
+    shards (`tp_shard_dim` set) are summed over `tp_group`; replicated parameters (the
+    norms) hold the same gradient on every TP rank and count once."""
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+
+    def squares(ps: list) -> torch.Tensor:
+        return sum((torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2 for p in ps),
+                   torch.zeros((), dtype=torch.float64, device=grads[0].device))
+
+    square = squares([p for p in params if not hasattr(p, "tp_shard_dim")])
+    tp_square = squares([p for p in params if hasattr(p, "tp_shard_dim")])
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(tp_square, group=tp_group)  # comm: tp group, one float64
+    square = square + tp_square
     if shard_group is not None and dist.get_world_size(shard_group) > 1:
         dist.all_reduce(square, group=shard_group)  # comm: FSDP shard group, one float64
     norm = square.sqrt()
@@ -637,8 +672,8 @@ def all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model, loader: data.DataLoader, micro_steps: int, group: dist.ProcessGroup, autocast, device
-             ) -> float:
+def evaluate(model, loader: data.DataLoader, micro_steps: int, group: dist.ProcessGroup, autocast, device,
+             vocab_group: dist.ProcessGroup | None = None) -> float:
     """Mean token loss over the next `micro_steps` validation micro-batches of every rank."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
@@ -646,7 +681,7 @@ def evaluate(model, loader: data.DataLoader, micro_steps: int, group: dist.Proce
         inputs, labels = next(loader)
         with autocast():
             logits = model(inputs.to(device))
-        totals[0] += loss_fn(logits, labels.to(device), 1).double()
+        totals[0] += loss_fn(logits, labels.to(device), 1, vocab_group).double()
         totals[1] += labels.numel()
     model.train()
     totals = all_reduce_sum(totals, group)
@@ -714,12 +749,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         #    activation checkpointing -> compile -> FSDP.
         #    AC wraps each block before compile so the compiled graph includes the
         #    recomputation; compile comes before FSDP so FSDP's collectives stay outside
-        #    the compiled blocks. (Pipeline, tensor and context parallel: not in this build yet.)
+        #    the compiled blocks. (Pipeline and context parallel: not in this build yet.)
         if cfg.float8.enabled:  # first: TP would then shard a Float8Linear like any linear
             skipped = float8.convert_to_float8(model, cfg.float8.recipe)
             if rank == 0:
                 for name, reason in skipped:
                     log(f"float8: {name} stays in {t.dtype}: {reason}")
+        # Tensor parallel over tp: column / row-parallel projections, a vocabulary-parallel
+        # embedding and output; the norms under sequence parallel get partial gradients,
+        # summed over tp after backward (reduce_sequence_parallel_grads).
+        tp_group = groups["tp"] if plan.degrees["tp"] > 1 else None
+        vocab_group = tp_group if tp_group is not None and cfg.parallel.loss_parallel else None
+        if tp_group is not None:
+            tensor_parallel.apply_tp(model, tp_group, cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel,
+                                     cfg.parallel.async_tp)
         apply_activation_checkpointing(model, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_option)
         if cfg.compile:
             apply_compile(model)
@@ -775,10 +818,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 inputs, labels = inputs.to(device), labels.to(device)
                 with autocast():
                     logits = model(inputs)
-                loss = loss_fn(logits, labels, plan.global_tokens)
+                loss = loss_fn(logits, labels, plan.global_tokens, vocab_group)
                 loss.backward()
                 loss_sum += loss.detach().double()
-            grad_norm = clip_grad_norm(params, t.max_norm, groups["dp_shard_cp"])
+            if tp_group is not None:
+                tensor_parallel.reduce_sequence_parallel_grads(params, tp_group)
+            grad_norm = clip_grad_norm(params, t.max_norm, groups["dp_shard_cp"], tp_group)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_since_log += plan.global_tokens
@@ -798,7 +843,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == t.steps):
                     val_loader.load_state_dict(val_start)
                     record["val_loss"] = evaluate(model, val_loader, cfg.run.eval_steps * plan.grad_accum,
-                                                  groups["loss"], autocast, device)
+                                                  groups["loss"], autocast, device, vocab_group)
                 history.append(record)
                 if rank == 0:
                     mfu = f"{record['mfu']:.2f}%" if record["mfu"] is not None else "n/a"
