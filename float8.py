@@ -39,20 +39,33 @@ Composition
     degree. (Rowwise scales are per row of the contraction dim; TP shards would have to
     split along rows only; the amax group is not used there.)
     FSDP: the forward sees the all-gathered full weight, so its amax is global already.
+    With `fsdp_float8_all_gather` (tensorwise only) the weight is cast to e4m3 BEFORE
+    the all-gather, through fsdp.py's payload hooks (`fsdp_pre_all_gather` /
+    `fsdp_post_all_gather` methods below): the shard's amax is all-reduced (MAX) over
+    the FSDP group (and the TP group), so every rank casts with the scale of the whole
+    weight, the gather carries 1 byte per element (half of bf16, a quarter of fp32), and
+    the forward GEMM uses the gathered float8 weight and scale directly. The scale is
+    the one the forward would compute from the gathered weight, so the result is the
+    same bit for bit. Rowwise weights are gathered in high precision (their per-row
+    scales along K would need the whole row anyway, and backward re-quantizes W).
 
 Communication: with amax_group, three all-reduces of one float per linear per step
-(x and W in forward, go in backward). Memory: forward saves x and W in float8
+(x and W in forward, go in backward); with the float8 all-gather, one all-reduce of one
+float per weight per gather. Memory: forward saves x and W in float8
 (tensorwise: 1 byte per element instead of 2 or 4).
 
 What TorchTitan / torchao do that this file does not
-    Float8 all-gather of FSDP weights (cast before the gather, halving its bytes) and
-    float8 TP all-gathers; torch.compile fusion of the casts (we run them eagerly: on a
+    Float8 TP all-gathers (the sequence all-gather before a column-parallel float8 linear
+    carries high precision here), a single all-reduce of every weight's amax after the
+    optimizer step (we do one per weight per gather); torch.compile fusion of the casts (we run them eagerly: on a
     GPU, compile is what makes float8 fast); delayed scaling (removed from torchao);
     the rowwise_with_gw_hp recipe; `pad_inner_dim` (we skip layers whose dims do not
     divide by 16, and say so).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -105,11 +118,13 @@ class Float8Matmul(torch.autograd.Function):
     """x (M, K) @ w (N, K)^T -> (M, N), all three GEMMs in float8."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, recipe: str, group) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, recipe: str, group,
+                w_float8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """w_float8: (w_f8, w_inv) already quantized (the FSDP float8 all-gather)."""
         ctx.recipe, ctx.group, ctx.out_dtype = recipe, group, x.dtype
         if recipe == "tensorwise":
             x_f8, x_inv = to_float8(x, E4M3, group=group)
-            w_f8, w_inv = to_float8(w, E4M3, group=group)
+            w_f8, w_inv = w_float8 if w_float8 is not None else to_float8(w, E4M3, group=group)
             ctx.save_for_backward(x_f8, x_inv, w_f8, w_inv)
             return scaled_mm(x_f8, x_inv, w_f8.t(), w_inv, x.dtype, fast_accum=True)
         x_f8, x_inv = to_float8(x, E4M3, dim=1, pow2=True)  # (M, 1): per row over K
@@ -124,7 +139,7 @@ class Float8Matmul(torch.autograd.Function):
             go_f8, go_inv = to_float8(go, E5M2, group=ctx.group)  # (M, N), range over precision
             grad_x = scaled_mm(go_f8, go_inv, _col_major(w_f8), w_inv, ctx.out_dtype)  # (M, K)
             grad_w = scaled_mm(go_f8.t(), go_inv, _col_major(x_f8), x_inv, ctx.out_dtype)  # (N, K)
-            return grad_x, grad_w, None, None
+            return grad_x, grad_w, None, None, None
         x, w = ctx.saved_tensors
         # grad_x = go @ w: contraction over N -> go per row (M, 1), w per column (1, K).
         go_f8, go_inv = to_float8(go, E4M3, dim=1, pow2=True)
@@ -134,15 +149,37 @@ class Float8Matmul(torch.autograd.Function):
         goT_f8, goT_inv = to_float8(go, E4M3, dim=0, pow2=True)
         x_f8, x_inv = to_float8(x, E4M3, dim=0, pow2=True)
         grad_w = scaled_mm(goT_f8.t(), goT_inv.view(-1, 1), _col_major(x_f8), x_inv, ctx.out_dtype)
-        return grad_x, grad_w.to(w.dtype), None, None
+        return grad_x, grad_w.to(w.dtype), None, None, None
 
 
 class Float8Linear(nn.Linear):
     """nn.Linear (no bias) whose matmul runs in float8. Tensor parallel styles shard it
-    like any linear; `amax_group` makes the tensorwise scales global over TP shards."""
+    like any linear; `amax_group` makes the tensorwise scales global over TP shards;
+    `fsdp_float8_all_gather` makes FSDP gather its weight in float8."""
 
     recipe: str = "tensorwise"
     amax_group: dist.ProcessGroup | None = None
+    fsdp_float8_all_gather: bool = False
+
+    def fsdp_pre_all_gather(self, name: str, shard: torch.Tensor, group: dist.ProcessGroup):
+        """fsdp.py hook: the weight shard cast to e4m3 with the scale of the whole
+        weight (amax over the FSDP group and the TP group), or None (gather as usual)."""
+        if name != "weight" or not self.fsdp_float8_all_gather or self.recipe != "tensorwise":
+            return None
+        amax = shard.abs().amax().float()
+        for g in (group, self.amax_group):
+            if g is not None and dist.get_world_size(g) > 1:
+                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=g)  # comm: one float
+        scale = (torch.finfo(E4M3).max / torch.clamp(amax.double(), min=EPS)).float()
+        shard_f8 = torch.clamp(shard.float() * scale, -torch.finfo(E4M3).max, torch.finfo(E4M3).max).to(E4M3)
+        return shard_f8, scale.reciprocal()
+
+    def fsdp_post_all_gather(self, name: str, w_f8: torch.Tensor, w_inv: torch.Tensor, dtype: torch.dtype):
+        """fsdp.py hook: the full weight to install. Its values are the dequantized
+        float8 weight (right for any reader); forward uses `.float8` directly."""
+        w = (w_f8.to(torch.float32) * w_inv).to(dtype)
+        w.float8 = (w_f8, w_inv)
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
@@ -153,36 +190,46 @@ class Float8Linear(nn.Linear):
         if x2.shape[0] % 16:
             raise ValueError(f"float8 linear: {x2.shape[0]} tokens per matmul (batch x sequence) must be "
                              f"divisible by 16 for the weight-gradient GEMM")
+        w_float8 = getattr(self.weight, "float8", None)  # gathered in float8 by FSDP
         w = self.weight.to(x.dtype) if self.weight.dtype != x.dtype else self.weight
         # Autocast off inside: CPU autocast would round the dequantized operands of
         # _scaled_mm to bf16 before multiplying (the dtypes are already chosen here).
         with torch.autocast(device, enabled=False):
-            out = Float8Matmul.apply(x2, w, self.recipe, self.amax_group)
+            out = Float8Matmul.apply(x2, w, self.recipe, self.amax_group, w_float8)
         return out.reshape(*shape[:-1], -1)
 
 
 def convert_to_float8(model: nn.Module, recipe: str = "tensorwise", skip: tuple[str, ...] = ("output",),
-                      amax_group: dist.ProcessGroup | None = None) -> list[tuple[str, str]]:
+                      amax_group: dist.ProcessGroup | None = None, fsdp_float8_all_gather: bool = False,
+                      local_shape: Callable[[str, tuple[int, ...]], tuple[int, ...]] | None = None
+                      ) -> list[tuple[str, str]]:
     """Swap every eligible nn.Linear of `model` for a Float8Linear holding the same
-    weight Parameter. Returns (name, reason) for every linear left in high precision."""
+    weight Parameter. Returns (name, reason) for every linear left in high precision.
+    local_shape(name, shape): the weight's shape once a later step (tensor parallel)
+    has split it; _scaled_mm's rules apply to that shape."""
     if recipe not in RECIPES:
         raise ValueError(f"float8.recipe={recipe!r} does not exist; choose one of {list(RECIPES)}")
+    if fsdp_float8_all_gather and recipe != "tensorwise":
+        raise ValueError(f"float8.fsdp_float8_all_gather=true needs float8.recipe=tensorwise (got {recipe!r}): "
+                         f"rowwise weights are gathered in high precision")
     skipped = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
-        n, k = module.weight.shape
+        n, k = local_shape(name, tuple(module.weight.shape)) if local_shape else module.weight.shape
+        per_rank = " per tensor-parallel rank" if local_shape else ""
         if name in skip or name.split(".")[-1] in skip:
             reason = "excluded by name (kept in high precision for accuracy)"
         elif module.bias is not None:
             reason = "has a bias (Float8Linear has none)"
         elif k % 16 or n % 16:
-            reason = f"weight ({n}, {k}): _scaled_mm needs both dims divisible by 16"
+            reason = f"weight ({n}, {k}){per_rank}: _scaled_mm needs both dims divisible by 16"
         else:
             with torch.device("meta"):
-                new = Float8Linear(k, n, bias=False)
+                new = Float8Linear(*reversed(module.weight.shape), bias=False)
             new.weight = module.weight  # the same Parameter object: names, attributes, optimizer
             new.recipe, new.amax_group = recipe, amax_group
+            new.fsdp_float8_all_gather = fsdp_float8_all_gather
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
             continue

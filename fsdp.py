@@ -44,6 +44,19 @@ Mixed precision
     runs in `param_dtype`, and gradients are cast to `reduce_dtype` (float32 by
     default) before the reduce-scatter and accumulated into the shards' dtype.
 
+Custom all-gather payloads (how float8.py gathers weights already in float8, without
+this file importing it)
+    If the module owning a parameter defines
+        fsdp_pre_all_gather(name, shard, group) -> (payload, meta) or None
+        fsdp_post_all_gather(name, payload_full, meta, dtype) -> full tensor
+    the unit gathers `payload` (same shape as the shard, any dtype: e.g. float8 e4m3
+    with a scale computed from the amax all-reduced over `group`, so every rank uses
+    the same scale) instead of the param_dtype shard, and installs whatever the post
+    hook returns (e.g. the dequantized weight carrying the float8 data and scale). The
+    shards travel as bytes, so one all-gather carries any mix of dtypes; a float8
+    payload is 1 byte per element instead of 2 (bf16) or 4. None: gather as usual.
+    The gradient path is unchanged (full-precision gradients, reduce-scattered).
+
 Gradient convention and accumulation
     Every reduction is a plain SUM (the trainer divides each micro-batch loss by the
     global token count), so no world size appears here. `set_gradient_sync(False)`
@@ -177,28 +190,42 @@ class FSDPUnit:
         if self.gather is not None or self.full is not None:
             return
         dtype = self.state.param_dtype or self.shards[0].dtype
-        flat = torch.cat([s.detach().reshape(-1) for s in self.shards]).to(dtype)  # (S,)
+        payloads, self.metas = [], []
+        for (owner, name), shard in zip(self.owners, self.shards):
+            hook = getattr(owner, "fsdp_pre_all_gather", None)  # e.g. float8: cast before the gather
+            custom = hook(name, shard.detach(), self.state.group) if hook is not None else None
+            payload, meta = custom if custom is not None else (shard.detach().to(dtype), None)
+            payloads.append(payload)
+            self.metas.append(meta)
+        self.payload_dtypes = [p.dtype for p in payloads]
+        # The shards travel as bytes, so one all-gather carries any mix of dtypes.
+        flat = torch.cat([p.reshape(-1).view(torch.uint8) for p in payloads])  # (S bytes,)
         if self.world == 1:
             self.gather = (None, flat)
             return
         out = flat.new_empty(self.world * flat.numel())  # (W * S,)
-        # comm: shard group, all-gather of every parameter's padded shard, S * b_p bytes in
+        # comm: shard group, all-gather of every parameter's padded shard, S bytes in
         work = dist.all_gather_single(out, flat, group=self.state.group, async_op=True)
         self.gather = (work, out)
 
     def finish_gather(self) -> list[torch.Tensor]:
-        """Wait for the all-gather and copy each full parameter out of the (W, S) layout."""
+        """Wait for the all-gather and copy each full parameter out of the (W, S) layout
+        (S bytes per rank), through the owner's fsdp_post_all_gather where it has one."""
         self.start_gather()
         work, out = self.gather
         self.gather = None
         if work is not None:
             work.wait()
-        table = out.view(self.world, -1)  # (W, S): row r = rank r's padded shards
+        table = out.view(self.world, -1)  # (W, S): row r = rank r's padded shards, as bytes
+        dtype = self.state.param_dtype or self.shards[0].dtype
         full, offset = [], 0
-        for shape, c, n in zip(self.shapes, self.rows, self.numels):
-            block = table[:, offset: offset + n].reshape(self.world * c, *shape[1:])  # (W*c_i, *rest)
-            full.append(block[: shape[0]].contiguous())  # drop the padding rows
-            offset += n
+        for (owner, name), shape, c, n, payload_dtype, meta in zip(
+                self.owners, self.shapes, self.rows, self.numels, self.payload_dtypes, self.metas):
+            nbytes = n * payload_dtype.itemsize
+            block = table[:, offset: offset + nbytes].contiguous().view(payload_dtype)  # (W, c_i * rest_i)
+            block = block.view(self.world * c, *shape[1:])[: shape[0]]  # drop the padding rows
+            full.append(block if meta is None else owner.fsdp_post_all_gather(name, block, meta, dtype))
+            offset += nbytes
         return full
 
     def swap(self, tensors: list[torch.Tensor]) -> None:

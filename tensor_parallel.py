@@ -464,6 +464,23 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
 # ---------------------------------------------------------------------------------------
 # 6. Applying the plan to a Llama model
 
+# The plan: which dim of each weight is split over tp. 0: rows (output features, or the
+# vocabulary of the embedding), column-parallel; 1: columns (input features), row-parallel.
+SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1, "tok_embeddings": 0, "output": 0}
+WHAT = {"wq": "attention heads (wq rows)", "wk": "KV heads (wk rows)", "wv": "KV heads (wv rows)",
+        "wo": "attention heads (wo columns)", "w1": "the FFN hidden dim (w1 rows)",
+        "w3": "the FFN hidden dim (w3 rows)", "w2": "the FFN hidden dim (w2 columns)"}
+
+
+def local_shape(module_name: str, shape: tuple[int, ...], t: int) -> tuple[int, ...]:
+    """The shape of a weight on one of t TP ranks, by the module's (dotted) name: what
+    float8.convert_to_float8 checks against _scaled_mm's rules before TP shards it."""
+    dim = SHARD_DIM.get(module_name.split(".")[-1])
+    if dim is None:
+        return tuple(shape)
+    return tuple(n // t if d == dim else n for d, n in enumerate(shape))
+
+
 def _shard(module: nn.Module, name: str, dim: int, group: dist.ProcessGroup, what: str) -> nn.Parameter:
     """Replace module.<name> by this rank's 1/t slice along `dim` (kept on meta for a
     model built on meta, else sliced from the values), recording where it sits."""
@@ -478,6 +495,7 @@ def _shard(module: nn.Module, name: str, dim: int, group: dist.ProcessGroup, wha
     else:
         local = p.detach().narrow(dim, r * n, n).clone()
     shard = nn.Parameter(local, requires_grad=p.requires_grad)
+    shard.__dict__.update(p.__dict__)  # attributes earlier techniques set on p
     offset = list(getattr(p, "global_offset", (0,) * p.dim()))
     offset[dim] += r * n
     shard.global_shape = getattr(p, "global_shape", p.shape)
@@ -514,13 +532,10 @@ def apply_tp(model: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool
     for layer_name, block in model.layers.items():
         attn, ffn = block.attention, block.feed_forward
         prefix = f"layers.{layer_name}"
-        for module, names, dim in ((attn, ("wq", "wk", "wv"), 0), (attn, ("wo",), 1),
-                                   (ffn, ("w1", "w3"), 0), (ffn, ("w2",), 1)):
-            for name in names:
-                sub = f"{prefix}.{'attention' if module is attn else 'feed_forward'}.{name}"
-                what = {"wq": "attention heads (wq rows)", "wk": "KV heads (wk rows)", "wv": "KV heads (wv rows)",
-                        "wo": "attention heads (wo columns)"}.get(name, f"the FFN hidden dim ({name})")
-                _shard(getattr(module, name), "weight", dim, group, f"{sub}.weight: {what}")
+        for module, kind in ((attn, "attention"), (ffn, "feed_forward")):
+            for name in (("wq", "wk", "wv", "wo") if module is attn else ("w1", "w3", "w2")):
+                sub = f"{prefix}.{kind}.{name}"
+                _shard(getattr(module, name), "weight", SHARD_DIM[name], group, f"{sub}.weight: {WHAT[name]}")
                 _set_amax_group(getattr(module, name), group, async_tp, sub)
         for module in (attn, ffn):
             module.input_proj_fn = functools.partial(column_parallel, **proj)

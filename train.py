@@ -114,6 +114,9 @@ class ParallelConfig:
 class Float8Config:
     enabled: bool = False
     recipe: str = "tensorwise"  # tensorwise | rowwise
+    # FSDP gathers the weights of float8 linears already cast to float8 (tensorwise):
+    # half the all-gather bytes of bf16, bitwise the same result.
+    fsdp_float8_all_gather: bool = False
 
 
 @dataclass
@@ -355,6 +358,9 @@ def validate(cfg: Config, world_size: int) -> Plan:
         if p.async_tp and cfg.float8.enabled:
             raise ValueError("parallel.async_tp=true with float8.enabled=true: the async TP ring runs plain "
                              "matmuls, not float8 ones; turn one of them off")
+    if cfg.float8.fsdp_float8_all_gather and cfg.float8.recipe != "tensorwise":
+        raise ValueError(f"float8.fsdp_float8_all_gather=true needs float8.recipe=tensorwise (got "
+                         f"{cfg.float8.recipe!r}): rowwise weights are gathered in high precision")
     if cp > 1 and cfg.data.seq_len % (2 * cp):
         raise ValueError(
             f"data.seq_len={cfg.data.seq_len} is not divisible by 2 * parallel.cp = {2 * cp} "
@@ -751,7 +757,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         #    recomputation; compile comes before FSDP so FSDP's collectives stay outside
         #    the compiled blocks. (Pipeline and context parallel: not in this build yet.)
         if cfg.float8.enabled:  # first: TP would then shard a Float8Linear like any linear
-            skipped = float8.convert_to_float8(model, cfg.float8.recipe)
+            tp = plan.degrees["tp"]
+            skipped = float8.convert_to_float8(
+                model, cfg.float8.recipe, fsdp_float8_all_gather=cfg.float8.fsdp_float8_all_gather,
+                local_shape=functools.partial(tensor_parallel.local_shape, t=tp) if tp > 1 else None)
             if rank == 0:
                 for name, reason in skipped:
                     log(f"float8: {name} stays in {t.dtype}: {reason}")

@@ -14,6 +14,9 @@ imported), dequantize, matmul in float32. What is checked:
   * convert_to_float8 on the debug Llama (meta device, same Parameter objects);
   * training through train.main: float8 tracks float32 over 100 steps, FSDP 2 tracks
     the single-process float8 run; a bad recipe is refused;
+  * composition: FSDP's float8 all-gather (a quarter of the float32 bytes, bitwise the
+    same forward and training), TP 2 / 4 track the single-process float8 run (tensorwise
+    scales over the whole logical tensor), layers too small once TP-sharded are skipped;
   * on a GPU only: Float8Linear on CUDA against the emulation.
 """
 
@@ -24,6 +27,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import float8
@@ -542,3 +546,108 @@ def test_cuda_matches_the_emulation(recipe):
         assert torch.isfinite(a).all(), name
         rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
         assert rel <= 1e-2, (recipe, name, rel)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Composition: FSDP float8 all-gather, tensor parallel
+
+
+def _gathered_bytes(rank: int, world: int, float8_all_gather: bool) -> dict:
+    """One forward of the debug-shaped model under FSDP over every rank: the bytes each
+    all-gather hands in, and the output (the same weights either way)."""
+    import fsdp
+
+    args = llama.model_args("debug", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128)
+    model = llama.build_model(args, "meta")
+    float8.convert_to_float8(model, "tensorwise", fsdp_float8_all_gather=float8_all_gather)
+    fsdp.apply_fsdp(model, list(model.layers.values()), dist.group.WORLD)
+    llama.materialize(model, "cpu")
+    llama.init_weights(model, args, 0)
+    sizes, real = [], dist.all_gather_single
+
+    def counting(out, inp, *a, **k):
+        sizes.append(inp.numel() * inp.element_size())
+        return real(out, inp, *a, **k)
+
+    dist.all_gather_single = counting
+    try:
+        tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(rank))
+        out = model(tokens)
+    finally:
+        dist.all_gather_single = real
+    return dict(sizes=sizes, out=out.detach())
+
+
+def test_fsdp_float8_all_gather_sends_a_quarter_of_fp32_and_changes_nothing():
+    """Weights of float8 linears gathered already in e4m3: 1 byte per element instead of
+    4 (float32 here; 2 with bf16), with the scale of the whole weight, so the forward is
+    bitwise the one that quantizes the gathered float32 weight."""
+    plain = run_on_ranks(_gathered_bytes, 2, False, timeout=60)
+    f8 = run_on_ranks(_gathered_bytes, 2, True, timeout=60)
+    dim, ffn = 64, 192  # ffn: 2/3 * 4 * 64 rounded up to multiple_of 64
+    block_linear = 64 * 64 * 2 + 32 * 64 * 2 + ffn * 64 * 3  # wq, wo, wk, wv, w1, w2, w3
+    norms = 2 * dim
+    for rank in range(2):
+        assert torch.equal(plain[rank]["out"], f8[rank]["out"])
+        root = plain[rank]["sizes"][0]
+        assert f8[rank]["sizes"][0] == root  # root unit: embeddings, norm, output stay float32
+        for p_bytes, f_bytes in zip(plain[rank]["sizes"][1:], f8[rank]["sizes"][1:]):
+            assert p_bytes == 4 * (block_linear + norms) // 2
+            assert f_bytes == (block_linear + 4 * norms) // 2
+
+
+def test_fsdp_float8_all_gather_trains_bitwise_the_same(tmp_path):
+    argv = _train_argv(str(tmp_path / "a"), "training.steps=5", "parallel.dp_shard=2", "training.micro_batch_size=2",
+                       *FLOAT8["tensorwise"])
+    plain = run_on_ranks(_train, 2, argv, timeout=120)
+    f8 = run_on_ranks(_train, 2, argv[:-1] + [argv[-1], "float8.fsdp_float8_all_gather=true"], timeout=120)
+    assert f8[0] == plain[0]
+
+
+def test_fsdp_float8_all_gather_needs_tensorwise():
+    cfg = train.load_config(os.path.join(ROOT, "configs/debug.yaml"),
+                            ["float8.enabled=true", "float8.recipe=rowwise", "float8.fsdp_float8_all_gather=true"])
+    with pytest.raises(ValueError, match="fsdp_float8_all_gather.*tensorwise"):
+        train.validate(cfg, 1)
+
+
+# TP 2 and 4 against the single-process float8 run. Every tensorwise amax of a sharded
+# operand is all-reduced over tp (weights; row-parallel inputs; column-parallel output
+# gradients), so the scales are the single process's and only float32 summation order
+# differs, amplified where a rounding difference flips a float8 value. Measured largest
+# relative loss difference over 10 steps: tp 2 1.1e-7, tp 4 (no SP) 6.9e-6; float8 vs
+# float32 over the same steps: 6.0e-5 (4 KV heads) and 7.1e-5 (8).
+TP_BOUND = 2e-5
+
+
+@pytest.mark.parametrize("tp, kv_heads, extra", [(2, 4, []), (4, 8, ["parallel.sequence_parallel=false"])])
+def test_tp_float8_tracks_single_process_float8(tmp_path, tp, kv_heads, extra):
+    """(With 4 KV heads of dim 8, wk / wv would hold 8 rows per rank at tp 4, too few
+    for _scaled_mm, and stay in float32 there: test_tp_float8_skips_what_tp_makes_too_small.)"""
+    heads = ["model.n_heads=8", f"model.n_kv_heads={kv_heads}"]
+    single = _train(0, 1, _train_argv(str(tmp_path / "single"), "training.steps=10", *heads, *FLOAT8["tensorwise"]))
+    out = run_on_ranks(_train, tp, _train_argv(str(tmp_path / "tp"), "training.steps=10", *heads,
+                                               f"parallel.tp={tp}", *extra, *FLOAT8["tensorwise"]), timeout=180)
+    fp32 = _train(0, 1, _train_argv(str(tmp_path / "fp32"), "training.steps=10", *heads))
+    diff = max(abs(a - b) / b for a, b in zip(out[0], single))
+    print(f"tp={tp} float8 vs single-process float8: {diff:.2e}")
+    assert diff <= TP_BOUND, (out[0], single)
+    in_use = max(abs(a - b) / b for a, b in zip(single, fp32))
+    print(f"float8 vs float32: {in_use:.2e}")
+    assert in_use > 2 * TP_BOUND  # float8 is in use
+
+
+def test_tp_float8_skips_what_tp_makes_too_small():
+    """The float8 swap runs before tensor parallel but checks each weight's shape as TP
+    will leave it, and names the layers it keeps in high precision."""
+    import functools
+
+    import tensor_parallel
+
+    args = llama.model_args("debug", dim=64, n_layers=1, n_heads=8, n_kv_heads=4, vocab_size=128)
+    model = llama.build_model(args, "meta")
+    skipped = dict(float8.convert_to_float8(model, "tensorwise",
+                                            local_shape=functools.partial(tensor_parallel.local_shape, t=4)))
+    assert set(skipped) == {"layers.0.attention.wk", "layers.0.attention.wv", "output"}
+    assert "weight (8, 64) per tensor-parallel rank" in skipped["layers.0.attention.wk"]
+    assert _linears(model)["layers.0.attention.wo"] is float8.Float8Linear  # (64, 16) per rank: fine
