@@ -41,8 +41,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint as recompute
 
+import checkpoint
 import data
 import float8
 import fsdp
@@ -133,6 +135,9 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = False
     load: str | None = None  # latest | a path | null
+    # A consolidated state dict (checkpoint.py export, or Meta's consolidated.00.pth) to
+    # start from instead of the random init (fine-tuning); null = random init.
+    initial: str | None = None
 
 
 @dataclass
@@ -396,6 +401,9 @@ def validate(cfg: Config, world_size: int) -> Plan:
                 f"activation_checkpoint.selective_option={option!r} must be 'op' or a positive integer k "
                 f"(checkpoint every k-th block)"
             )
+    if cfg.checkpoint.interval < 0 or cfg.checkpoint.keep < 0:
+        raise ValueError(f"checkpoint.interval={cfg.checkpoint.interval} and checkpoint.keep={cfg.checkpoint.keep} "
+                         f"must be >= 0 (interval 0: never save; keep 0: keep every checkpoint)")
     if cfg.run.log_every < 1 or cfg.run.eval_every < 0 or cfg.run.eval_steps < 1:
         raise ValueError("run.log_every and run.eval_steps must be >= 1, run.eval_every >= 0")
     return Plan(degrees, dp_size, t.batch_size // per_step, t.batch_size * cfg.data.seq_len, args)
@@ -404,12 +412,10 @@ def validate(cfg: Config, world_size: int) -> Plan:
 def check_available(cfg: Config, plan: Plan) -> None:
     """Stop with a clear message when the config asks for a technique this build lacks."""
     missing = [f"parallel.{d}={n}" for d, n in plan.degrees.items() if n > 1 and d in ("pp", "cp")]
-    if cfg.checkpoint.interval > 0 or cfg.checkpoint.load is not None:
-        missing.append("checkpoint.interval / checkpoint.load")
     if missing:
         raise NotImplementedError(
-            f"{', '.join(missing)}: this build has no implementation for it yet (data parallel only: "
-            f"FSDP / HSDP, and TP); set parallel.pp and parallel.cp to 1 and checkpointing off"
+            f"{', '.join(missing)}: this build has no implementation for it yet (FSDP / HSDP and TP "
+            f"only); set parallel.pp and parallel.cp to 1"
         )
 
 
@@ -486,7 +492,7 @@ def apply_activation_checkpointing(model: llama.Transformer, mode: str, option: 
     second matmul to save more; we keep all of them (cheaper recompute, simpler rule)."""
     if mode == "none":
         return
-    full = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+    full = functools.partial(recompute, use_reentrant=False, preserve_rng_state=False)
     for i, block in enumerate(model.layers.values()):
         if mode == "full" or (option != "op" and (i + 1) % option == 0):
             block.checkpoint_fn = full
@@ -803,7 +809,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if fsdp_state is not None:
             fsdp.check_optimizer(optimizer)
 
-        # 9. Loop.
+        # 9. Start from weights (fine-tuning) or resume a run: every rank reads the slices
+        #    of its shards, whatever layout saved them.
+        if cfg.checkpoint.initial is not None:
+            checkpoint.load_consolidated(cfg.checkpoint.initial, model)
+            if rank == 0:
+                log(f"initial weights from {cfg.checkpoint.initial}")
+        ckpt = None
+        if cfg.checkpoint.interval > 0 or cfg.checkpoint.load is not None:
+            ckpt = checkpoint.Checkpointer(os.path.join(cfg.run.dir, "checkpoints"), cfg.checkpoint.keep,
+                                           cfg.checkpoint.async_save)
+        first_step = 1
+        if cfg.checkpoint.load is not None:
+            resumed = ckpt.load(cfg.checkpoint.load, model, optimizer, plan.layout)
+            if resumed is None:
+                if rank == 0:
+                    log(f"checkpoint.load=latest: no checkpoint under {ckpt.root} yet, starting from step 1")
+            else:
+                loader.load_state_dict(resumed["extra"]["dataloader"])
+                first_step = resumed["step"] + 1
+                if rank == 0:
+                    rng = "restored" if resumed["rng_restored"] else "not restored (another layout)"
+                    log(f"resumed from {resumed['path']} (saved by {resumed['world_size']} ranks, "
+                        f"{resumed['layout']}): continuing at step {first_step}; RNG {rng}")
+
+        def save(step: int) -> None:
+            started = time.perf_counter()
+            ckpt.save(step, model, optimizer, {"dataloader": loader.state_dict(), "config": config_to_dict(cfg)},
+                      plan.layout)
+            if rank == 0:
+                mode = "snapshot taken, writing in the background" if cfg.checkpoint.async_save else "saved"
+                log(f"checkpoint step-{step}: {mode} in {time.perf_counter() - started:.2f}s")
+
+        # 10. Loop.
         fpt = llama.flops_per_token(args, cfg.data.seq_len)
         peak, peak_source = peak_flops(cfg, device, dtype)
         non_dp = plan.degrees["tp"] * plan.degrees["pp"] * plan.degrees["cp"]  # ranks per data replica
@@ -815,7 +853,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         history: list[dict] = []
         start = last_log = time.perf_counter()
         tokens_since_log = 0
-        for step in range(1, t.steps + 1):
+        for step in range(first_step, t.steps + 1):
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -847,7 +885,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "step": step, "loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr,
                     "tokens_per_sec": tps, "mfu": 100 * fpt * tps / peak if peak > 0 else None,
                     "memory_gb": memory_gb(device), "elapsed_s": now - start,
-                    "eta_s": (now - start) / step * (t.steps - step),
+                    "eta_s": (now - start) / (step - first_step + 1) * (t.steps - step),
                 }
                 if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == t.steps):
                     val_loader.load_state_dict(val_start)
@@ -862,10 +900,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         f"eta {record['eta_s']:.0f}s")
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
+            if ckpt is not None and cfg.checkpoint.interval > 0 and (
+                    step % cfg.checkpoint.interval == 0 or step == t.steps or stopping):
+                save(step)  # also on a stop signal (preemption): resume continues from here
             if stopping:
                 if rank == 0:
                     log(f"stopping after step {step}: received {stop.received or 'a signal on another rank'}")
                 break
+        if ckpt is not None:
+            ckpt.close()  # waits for an asynchronous save
 
     finally:
         if metrics_file is not None:

@@ -122,9 +122,8 @@ def test_derived_values():
 
 
 def test_unimplemented_techniques_are_refused_not_ignored():
-    cfg = cfg_of("checkpoint.interval=10")
-    with pytest.raises(NotImplementedError, match="checkpoint.interval"):
-        train.check_available(cfg, train.validate(cfg, 1))
+    cfg = cfg_of("checkpoint.interval=10")  # checkpoint.py exists
+    train.check_available(cfg, train.validate(cfg, 1))
     cfg = cfg_of("float8.enabled=true")  # float8.py exists
     train.check_available(cfg, train.validate(cfg, 1))
     cfg = cfg_of("parallel.tp=2")  # tensor_parallel.py exists
