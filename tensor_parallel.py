@@ -528,6 +528,10 @@ def apply_tp(model: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool
     if args.n_heads % t or args.kv_heads % t:
         raise ValueError(f"tensor parallel: parallel.tp={t} must divide model.n_heads={args.n_heads} and "
                          f"model.n_kv_heads={args.kv_heads} (each rank holds whole query and KV heads)")
+    for what, size in (("the vocabulary (model.vocab_size)", args.vocab_size),
+                       ("the FFN hidden dim (w1 / w3 rows, w2 columns)", args.ffn_dim)):
+        if size % t:  # checked before anything is sharded: an error leaves the model as it was
+            raise ValueError(f"tensor parallel: {what} has size {size}, not divisible by parallel.tp={t}")
     proj = dict(group=group, sequence_parallel=sequence_parallel, async_tp=async_tp)
     for layer_name, block in model.layers.items():
         attn, ffn = block.attention, block.feed_forward
@@ -573,9 +577,13 @@ def _output_gather_hook(module: nn.Module, args: tuple, out: torch.Tensor, *, gr
 def reduce_sequence_parallel_grads(params, group: dist.ProcessGroup) -> None:
     """Sum over tp the gradients of replicated parameters that saw only this rank's
     sequence shard (`tp_partial_grad`, the norms under SP): one all-reduce per step."""
-    grads = [p.grad for p in params if getattr(p, "tp_partial_grad", False) and p.grad is not None]
-    if not grads or _size(group) == 1:
+    marked = [p for p in params if getattr(p, "tp_partial_grad", False)]
+    if not marked or _size(group) == 1:
         return
+    for p in marked:  # a rank without a gradient contributes zeros (every rank sends the same sizes)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in marked]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)  # comm: tp group, the norm weights' gradients
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
