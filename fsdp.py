@@ -210,7 +210,15 @@ class FSDPUnit:
 
     def finish_gather(self) -> list[torch.Tensor]:
         """Wait for the all-gather and copy each full parameter out of the (W, S) layout
-        (S bytes per rank), through the owner's fsdp_post_all_gather where it has one."""
+        (S bytes per rank), through the owner's fsdp_post_all_gather where it has one.
+        Already unsharded (the root, or a unit that does not reshard, run again before its
+        backward, e.g. the next pipeline micro-batch): no gather; fresh aliases of the same
+        storage, so this forward gets its own gradient path (GatherParams node)."""
+        if self.full is not None and self.gather is None:
+            aliases = [t.detach() for t in self.full]
+            for alias, t in zip(aliases, self.full):
+                alias.__dict__.update(t.__dict__)  # e.g. float8's gathered weight and scale
+            return aliases
         self.start_gather()
         work, out = self.gather
         self.gather = None
@@ -311,6 +319,8 @@ class FSDPUnit:
         if self.full is None:
             self.regather()
         order = state.forward_order
+        if self not in order:  # e.g. a pipeline backward after an earlier backward cleared it
+            return
         index = len(order) - 1 - order[::-1].index(self)
         if index > 0 and order[index - 1].full is None:  # prefetch the unit that ran before
             order[index - 1].start_gather()
@@ -390,6 +400,8 @@ def apply_fsdp(
     for module in [*units, model]:
         params = [(owner, name, p) for owner in module.modules() for name, p in owner.named_parameters(recurse=False)
                   if id(p) not in owned and not getattr(p, "fsdp_shard", False)]
+        if not params and module is model:  # e.g. a middle pipeline stage: blocks only
+            continue
         if not params:
             raise ValueError(f"apply_fsdp: unit {type(module).__name__} has no parameters of its own to shard")
         owned.update(id(p) for _, _, p in params)
@@ -397,7 +409,8 @@ def apply_fsdp(
         module.register_forward_pre_hook(unit.pre_forward)
         module.register_forward_hook(unit.post_forward)
         state.units.append(unit)
-    state.units.insert(0, state.units.pop())  # the root runs first
+    if state.units[-1].module is model:
+        state.units.insert(0, state.units.pop())  # the root runs first
     return state
 
 

@@ -49,6 +49,7 @@ import data
 import float8
 import fsdp
 import llama
+import pipeline
 import tensor_parallel
 
 # ---------------------------------------------------------------------------------------
@@ -106,6 +107,9 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zero_bubble
     pp_microbatches: int = 0  # 0: one per pipeline stage
     pp_stages_per_rank: int = 1
+    # First layer of each stage after the first, e.g. [10, 20, 30] for 4 stages of a
+    # 40-layer model (null: even split, earlier stages one layer more when uneven).
+    pp_split_points: list | None = None
     fsdp_reshard_after_forward: bool = True  # free gathered block params after forward
     # true: accumulate unsharded gradients over micro-batches and reduce-scatter once
     # per optimizer step (more memory, 1/accum of the reduce-scatter traffic)
@@ -377,8 +381,22 @@ def validate(cfg: Config, world_size: int) -> Plan:
             f"model.n_layers={args.n_layers} is fewer than the pipeline stages "
             f"parallel.pp * parallel.pp_stages_per_rank = {pp} * {p.pp_stages_per_rank} = {stages}"
         )
-    if p.pp_schedule == "interleaved_1f1b" and pp > 1 and p.pp_stages_per_rank < 2:
-        raise ValueError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_stages_per_rank >= 2")
+    if pp > 1:
+        pipeline.check_schedule_args(p.pp_schedule, pp, p.pp_microbatches or pp, p.pp_stages_per_rank)
+        if p.pp_split_points is not None:
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in p.pp_split_points):
+                raise ValueError(f"parallel.pp_split_points={p.pp_split_points} must be a list of layer indices")
+            pipeline.split_layers(args.n_layers, stages, p.pp_split_points)
+        if p.pp_schedule == "zero_bubble":
+            clash = [what for what, on in (
+                ("FSDP (dp_shard / dp_replicate / cp > 1)", degrees["dp_shard"] * degrees["dp_replicate"] * cp > 1),
+                ("parallel.async_tp", tp > 1 and p.async_tp), ("float8.enabled", cfg.float8.enabled),
+                ("activation_checkpoint.mode", cfg.activation_checkpoint.mode != "none")) if on]
+            if clash:
+                raise ValueError(f"parallel.pp_schedule=zero_bubble cannot run with {', '.join(clash)}: its weight-"
+                                 f"gradient split computes dW = dy^T x outside autograd, which those produce "
+                                 f"inside their own machinery; use parallel.pp_schedule=1f1b or "
+                                 f"interleaved_1f1b")
 
     dp_size = degrees["dp_replicate"] * degrees["dp_shard"]
     per_step = t.micro_batch_size * dp_size
@@ -411,11 +429,11 @@ def validate(cfg: Config, world_size: int) -> Plan:
 
 def check_available(cfg: Config, plan: Plan) -> None:
     """Stop with a clear message when the config asks for a technique this build lacks."""
-    missing = [f"parallel.{d}={n}" for d, n in plan.degrees.items() if n > 1 and d in ("pp", "cp")]
+    missing = [f"parallel.{d}={n}" for d, n in plan.degrees.items() if n > 1 and d in ("cp",)]
     if missing:
         raise NotImplementedError(
-            f"{', '.join(missing)}: this build has no implementation for it yet (FSDP / HSDP and TP "
-            f"only); set parallel.pp and parallel.cp to 1"
+            f"{', '.join(missing)}: this build has no implementation for it yet (FSDP / HSDP, TP and PP "
+            f"only); set parallel.cp to 1"
         )
 
 
@@ -554,13 +572,15 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, global_tokens: int,
 
 @torch.no_grad()
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, shard_group: dist.ProcessGroup | None = None,
-                   tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                   tp_group: dist.ProcessGroup | None = None, pp_group: dist.ProcessGroup | None = None
+                   ) -> torch.Tensor:
     """Global L2 norm of all gradients; scales them down to max_norm if above (and
     max_norm > 0). With FSDP every rank of `shard_group` holds disjoint shards (padding
     rows have zero gradient), so the squared norms are summed over it; replicas (HSDP)
     hold the same shards and are not summed. With TP, the squares of tensor-parallel
     shards (`tp_shard_dim` set) are summed over `tp_group`; replicated parameters (the
-    norms) hold the same gradient on every TP rank and count once."""
+    norms) hold the same gradient on every TP rank and count once. With PP every stage's
+    parameters are distinct: summed over `pp_group`."""
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
 
@@ -575,6 +595,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, shard_group: dis
     square = square + tp_square
     if shard_group is not None and dist.get_world_size(shard_group) > 1:
         dist.all_reduce(square, group=shard_group)  # comm: FSDP shard group, one float64
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(square, group=pp_group)  # comm: pp group, one float64
     norm = square.sqrt()
     if max_norm > 0:
         torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grads[0].dtype))
@@ -685,17 +707,26 @@ def all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
 
 @torch.no_grad()
 def evaluate(model, loader: data.DataLoader, micro_steps: int, group: dist.ProcessGroup, autocast, device,
-             vocab_group: dist.ProcessGroup | None = None) -> float:
-    """Mean token loss over the next `micro_steps` validation micro-batches of every rank."""
+             vocab_group: dist.ProcessGroup | None = None, runner: pipeline.PipelineRunner | None = None,
+             pp_group: dist.ProcessGroup | None = None) -> float:
+    """Mean token loss over the next `micro_steps` validation micro-batches of every rank
+    (through the pipeline's forward-only schedule when there is one)."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
     for _ in range(micro_steps):
         inputs, labels = next(loader)
+        inputs, labels = inputs.to(device), labels.to(device)
         with autocast():
-            logits = model(inputs.to(device))
-        totals[0] += loss_fn(logits, labels.to(device), 1, vocab_group).double()
+            if runner is not None:
+                m = len([a for a in runner.actions if a.kind == "F"]) // len(runner.stages)
+                totals[0] += runner.step(list(inputs.chunk(m)), list(labels.chunk(m)),
+                                         torch.arange(inputs.shape[1], device=device))
+            else:
+                totals[0] += loss_fn(model(inputs), labels, 1, vocab_group).double()
         totals[1] += labels.numel()
     model.train()
+    if runner is not None:  # the loss is on the last stage
+        totals[0] = all_reduce_sum(totals[0].clone(), pp_group)
     totals = all_reduce_sum(totals, group)
     return (totals[0] / totals[1]).item()
 
@@ -761,7 +792,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         #    activation checkpointing -> compile -> FSDP.
         #    AC wraps each block before compile so the compiled graph includes the
         #    recomputation; compile comes before FSDP so FSDP's collectives stay outside
-        #    the compiled blocks. (Pipeline and context parallel: not in this build yet.)
+        #    the compiled blocks. (Context parallel: not in this build yet.)
         if cfg.float8.enabled:  # first: TP would then shard a Float8Linear like any linear
             tp = plan.degrees["tp"]
             skipped = float8.convert_to_float8(
@@ -770,27 +801,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if rank == 0:
                 for name, reason in skipped:
                     log(f"float8: {name} stays in {t.dtype}: {reason}")
+        # Pipeline: this rank keeps its stages (layers r, r + pp, ... of the split, with
+        # the embeddings on stage 0 and norm + output on the last); the techniques below
+        # apply to each stage, which is a Transformer with the model's parameter names.
+        pp, v = plan.degrees["pp"], cfg.parallel.pp_stages_per_rank
+        stages = {0: model}
+        if pp > 1:
+            stages = pipeline.build_stages(model, coords["pp"], pp, v, cfg.parallel.pp_split_points)
         # Tensor parallel over tp: column / row-parallel projections, a vocabulary-parallel
         # embedding and output; the norms under sequence parallel get partial gradients,
         # summed over tp after backward (reduce_sequence_parallel_grads).
         tp_group = groups["tp"] if plan.degrees["tp"] > 1 else None
         vocab_group = tp_group if tp_group is not None and cfg.parallel.loss_parallel else None
-        if tp_group is not None:
-            tensor_parallel.apply_tp(model, tp_group, cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel,
-                                     cfg.parallel.async_tp)
-        apply_activation_checkpointing(model, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_option)
-        if cfg.compile:
-            apply_compile(model)
-        # FSDP over dp_shard x cp (CP ranks hold the same weights), replicated over
-        # dp_replicate (HSDP): one unit per block plus the root (embeddings, norm, output).
-        # Mixed precision: fp32 shards, bf16 gather and compute, fp32 reduce-scatter.
-        fsdp_state = None
-        if plan.degrees["dp_shard"] * plan.degrees["cp"] * plan.degrees["dp_replicate"] > 1:
-            fsdp_state = fsdp.apply_fsdp(
-                model, list(model.layers.values()), groups["dp_shard_cp"], groups["dp_replicate"],
-                param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
-                reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
-            )
+        fsdp_states = {}
+        for s, stage in stages.items():
+            if tp_group is not None:
+                tensor_parallel.apply_tp(stage, tp_group, cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel,
+                                         cfg.parallel.async_tp)
+            apply_activation_checkpointing(stage, cfg.activation_checkpoint.mode,
+                                           cfg.activation_checkpoint.selective_option)
+            if cfg.compile:
+                apply_compile(stage)
+            # FSDP over dp_shard x cp (CP ranks hold the same weights), replicated over
+            # dp_replicate (HSDP): one unit per block plus the root (embeddings, norm, output).
+            # Mixed precision: fp32 shards, bf16 gather and compute, fp32 reduce-scatter.
+            if plan.degrees["dp_shard"] * plan.degrees["cp"] * plan.degrees["dp_replicate"] > 1:
+                fsdp_states[s] = fsdp.apply_fsdp(
+                    stage, list(stage.layers.values()), groups["dp_shard_cp"], groups["dp_replicate"],
+                    param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
+                    reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
+                )
+        fsdp_state = next(iter(fsdp_states.values()), None)
+        if pp > 1:
+            model = pipeline.Stages(stages)  # one module for init, optimizer, checkpoints
 
         # 7. Materialize and initialize: the same global weights for every layout
         #    (each rank fills its shards from the global random streams). Master weights
@@ -808,6 +851,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
         params = list(model.parameters())
         if fsdp_state is not None:
             fsdp.check_optimizer(optimizer)
+        runner = eval_runner = None
+        if pp > 1:
+            m = cfg.parallel.pp_microbatches or pp
+            seq = cfg.data.seq_len // (plan.degrees["tp"] if tp_group is not None and cfg.parallel.sequence_parallel
+                                        else 1)
+            act_dtype = torch.bfloat16 if dtype == torch.bfloat16 and fsdp_state is not None else (
+                torch.float64 if dtype == torch.float64 else torch.float32)
+
+            def grad_sync(stage: int, last: bool) -> None:  # FSDP: reduce-scatter once per step
+                if stage in fsdp_states:
+                    fsdp.set_gradient_sync(fsdp_states[stage], last and micro_state["last"])
+
+            def stage_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+                return loss_fn(logits, labels, plan.global_tokens, vocab_group)
+
+            micro_state = {"last": True}
+            shape = (t.micro_batch_size // m, seq, args.dim)
+            runner = pipeline.PipelineRunner(pipeline.build_schedule(cfg.parallel.pp_schedule, pp, m, v)[coords["pp"]],
+                                             stages, pp * v, groups["pp"], stage_loss, shape, act_dtype, device,
+                                             grad_sync)
+            eval_runner = pipeline.PipelineRunner(
+                pipeline.add_communication(pipeline.forward_only(pp, m, v), pp, pp * v)[coords["pp"]], stages,
+                pp * v, groups["pp"], lambda logits, labels: loss_fn(logits, labels, 1, vocab_group), shape,
+                act_dtype, device)
+            if rank == 0:
+                log(f"pipeline: {pp} ranks x {v} stages, schedule {cfg.parallel.pp_schedule}, {m} micro-batches "
+                    f"of {t.micro_batch_size // m}; layers per stage "
+                    f"{[len(x) for x in pipeline.split_layers(args.n_layers, pp * v, cfg.parallel.pp_split_points)]}")
 
         # 9. Start from weights (fine-tuning) or resume a run: every rank reads the slices
         #    of its shards, whatever layout saved them.
@@ -863,14 +934,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     fsdp.set_gradient_sync(fsdp_state, micro == plan.grad_accum - 1)
                 inputs, labels = next(loader)
                 inputs, labels = inputs.to(device), labels.to(device)
+                if runner is not None:  # the pipeline runs forward and backward of its micro-batches
+                    micro_state["last"] = micro == plan.grad_accum - 1
+                    with autocast():
+                        loss_sum += runner.step(list(inputs.chunk(m)), list(labels.chunk(m)),
+                                                torch.arange(cfg.data.seq_len, device=device))
+                    continue
                 with autocast():
                     logits = model(inputs)
                 loss = loss_fn(logits, labels, plan.global_tokens, vocab_group)
                 loss.backward()
                 loss_sum += loss.detach().double()
+            if pp > 1:  # the loss lives on the last stage: every rank logs the same value
+                loss_sum = all_reduce_sum(loss_sum, groups["pp"])
             if tp_group is not None:
                 tensor_parallel.reduce_sequence_parallel_grads(params, tp_group)
-            grad_norm = clip_grad_norm(params, t.max_norm, groups["dp_shard_cp"], tp_group)
+            grad_norm = clip_grad_norm(params, t.max_norm, groups["dp_shard_cp"], tp_group,
+                                       groups["pp"] if pp > 1 else None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_since_log += plan.global_tokens
@@ -890,7 +970,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == t.steps):
                     val_loader.load_state_dict(val_start)
                     record["val_loss"] = evaluate(model, val_loader, cfg.run.eval_steps * plan.grad_accum,
-                                                  groups["loss"], autocast, device, vocab_group)
+                                                  groups["loss"], autocast, device, vocab_group, eval_runner,
+                                                  groups["pp"])
                 history.append(record)
                 if rank == 0:
                     mfu = f"{record['mfu']:.2f}%" if record["mfu"] is not None else "n/a"

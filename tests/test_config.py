@@ -128,8 +128,10 @@ def test_unimplemented_techniques_are_refused_not_ignored():
     train.check_available(cfg, train.validate(cfg, 1))
     cfg = cfg_of("parallel.tp=2")  # tensor_parallel.py exists
     train.check_available(cfg, train.validate(cfg, 2))
-    cfg = cfg_of("parallel.pp=2")
-    with pytest.raises(NotImplementedError, match="parallel.pp=2"):
+    cfg = cfg_of("parallel.pp=2", "model.n_layers=4")  # pipeline.py exists
+    train.check_available(cfg, train.validate(cfg, 2))
+    cfg = cfg_of("parallel.cp=2")
+    with pytest.raises(NotImplementedError, match="parallel.cp=2"):
         train.check_available(cfg, train.validate(cfg, 2))
     cfg = cfg_of("parallel.dp_replicate=2", "training.micro_batch_size=2")  # FSDP / HSDP exist
     train.check_available(cfg, train.validate(cfg, 4))
