@@ -45,6 +45,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from torch.utils.checkpoint import checkpoint as recompute
 
 import checkpoint
+import context_parallel
 import data
 import float8
 import fsdp
@@ -104,6 +105,7 @@ class ParallelConfig:
     sequence_parallel: bool = True
     loss_parallel: bool = True
     async_tp: bool = False
+    cp_rotate: str = "ring"  # ring | allgather: how K/V reach the other context-parallel ranks
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zero_bubble
     pp_microbatches: int = 0  # 0: one per pipeline stage
     pp_stages_per_rank: int = 1
@@ -171,6 +173,7 @@ CHOICES = {
     "training.optimizer": ("adamw", "sgd"),
     "training.dtype": ("bfloat16", "float32", "float64"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
+    "parallel.cp_rotate": ("ring", "allgather"),
     "float8.recipe": float8.RECIPES,
     "activation_checkpoint.mode": ("none", "full", "selective"),
 }
@@ -425,16 +428,6 @@ def validate(cfg: Config, world_size: int) -> Plan:
     if cfg.run.log_every < 1 or cfg.run.eval_every < 0 or cfg.run.eval_steps < 1:
         raise ValueError("run.log_every and run.eval_steps must be >= 1, run.eval_every >= 0")
     return Plan(degrees, dp_size, t.batch_size // per_step, t.batch_size * cfg.data.seq_len, args)
-
-
-def check_available(cfg: Config, plan: Plan) -> None:
-    """Stop with a clear message when the config asks for a technique this build lacks."""
-    missing = [f"parallel.{d}={n}" for d, n in plan.degrees.items() if n > 1 and d in ("cp",)]
-    if missing:
-        raise NotImplementedError(
-            f"{', '.join(missing)}: this build has no implementation for it yet (FSDP / HSDP, TP and PP "
-            f"only); set parallel.cp to 1"
-        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -706,23 +699,22 @@ def all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model, loader: data.DataLoader, micro_steps: int, group: dist.ProcessGroup, autocast, device,
-             vocab_group: dist.ProcessGroup | None = None, runner: pipeline.PipelineRunner | None = None,
-             pp_group: dist.ProcessGroup | None = None) -> float:
+def evaluate(model, loader: data.DataLoader, micro_steps: int, group: dist.ProcessGroup, autocast,
+             local_batch: typing.Callable, positions: torch.Tensor, vocab_group: dist.ProcessGroup | None = None,
+             runner: pipeline.PipelineRunner | None = None, pp_group: dist.ProcessGroup | None = None) -> float:
     """Mean token loss over the next `micro_steps` validation micro-batches of every rank
-    (through the pipeline's forward-only schedule when there is one)."""
+    (through the pipeline's forward-only schedule when there is one). local_batch: this
+    rank's part of a loader batch (context parallel), on the device."""
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
+    totals = torch.zeros(2, dtype=torch.float64, device=positions.device)  # (loss sum, tokens)
     for _ in range(micro_steps):
-        inputs, labels = next(loader)
-        inputs, labels = inputs.to(device), labels.to(device)
+        inputs, labels = local_batch(next(loader))
         with autocast():
             if runner is not None:
                 m = len([a for a in runner.actions if a.kind == "F"]) // len(runner.stages)
-                totals[0] += runner.step(list(inputs.chunk(m)), list(labels.chunk(m)),
-                                         torch.arange(inputs.shape[1], device=device))
+                totals[0] += runner.step(list(inputs.chunk(m)), list(labels.chunk(m)), positions)
             else:
-                totals[0] += loss_fn(model(inputs), labels, 1, vocab_group).double()
+                totals[0] += loss_fn(model(inputs, positions), labels, 1, vocab_group).double()
         totals[1] += labels.numel()
     model.train()
     if runner is not None:  # the loss is on the last stage
@@ -741,7 +733,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = load_config(cli.config, cli.overrides)
     world_guess = int(os.environ.get("WORLD_SIZE", 1))
     plan = validate(cfg, world_guess)
-    check_available(cfg, plan)
     t = cfg.training
     dtype = DTYPES[t.dtype]
 
@@ -792,7 +783,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         #    activation checkpointing -> compile -> FSDP.
         #    AC wraps each block before compile so the compiled graph includes the
         #    recomputation; compile comes before FSDP so FSDP's collectives stay outside
-        #    the compiled blocks. (Context parallel: not in this build yet.)
+        #    the compiled blocks.
         if cfg.float8.enabled:  # first: TP would then shard a Float8Linear like any linear
             tp = plan.degrees["tp"]
             skipped = float8.convert_to_float8(
@@ -818,6 +809,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if tp_group is not None:
                 tensor_parallel.apply_tp(stage, tp_group, cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel,
                                          cfg.parallel.async_tp)
+            # Context parallel: each rank holds 2 of the 2 cp chunks of every sequence;
+            # attention becomes ring (or all-gather) attention over the cp group.
+            if plan.degrees["cp"] > 1:
+                context_parallel.apply_cp(stage, groups["cp"], cfg.data.seq_len, cfg.parallel.cp_rotate)
             apply_activation_checkpointing(stage, cfg.activation_checkpoint.mode,
                                            cfg.activation_checkpoint.selective_option)
             if cfg.compile:
@@ -854,8 +849,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runner = eval_runner = None
         if pp > 1:
             m = cfg.parallel.pp_microbatches or pp
-            seq = cfg.data.seq_len // (plan.degrees["tp"] if tp_group is not None and cfg.parallel.sequence_parallel
-                                        else 1)
+            seq = cfg.data.seq_len // plan.degrees["cp"] // (
+                plan.degrees["tp"] if tp_group is not None and cfg.parallel.sequence_parallel else 1)
             act_dtype = torch.bfloat16 if dtype == torch.bfloat16 and fsdp_state is not None else (
                 torch.float64 if dtype == torch.float64 else torch.float32)
 
@@ -912,6 +907,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 mode = "snapshot taken, writing in the background" if cfg.checkpoint.async_save else "saved"
                 log(f"checkpoint step-{step}: {mode} in {time.perf_counter() - started:.2f}s")
 
+        # Context parallel: this rank's tokens of each sequence and their global positions.
+        cp, cp_rank = plan.degrees["cp"], coords["cp"]
+        positions = context_parallel.positions(cfg.data.seq_len, cp_rank, cp, device)
+
+        def local_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            inputs, labels = (x.to(device) for x in batch)
+            if cp > 1:  # labels were shifted in the global order; permute both the same way
+                inputs, labels = (context_parallel.shard_sequence(x, cp_rank, cp) for x in (inputs, labels))
+            return inputs, labels
+
         # 10. Loop.
         fpt = llama.flops_per_token(args, cfg.data.seq_len)
         peak, peak_source = peak_flops(cfg, device, dtype)
@@ -932,16 +937,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for micro in range(plan.grad_accum):
                 if fsdp_state is not None and cfg.parallel.fsdp_reduce_per_step:
                     fsdp.set_gradient_sync(fsdp_state, micro == plan.grad_accum - 1)
-                inputs, labels = next(loader)
-                inputs, labels = inputs.to(device), labels.to(device)
+                inputs, labels = local_batch(next(loader))
                 if runner is not None:  # the pipeline runs forward and backward of its micro-batches
                     micro_state["last"] = micro == plan.grad_accum - 1
                     with autocast():
-                        loss_sum += runner.step(list(inputs.chunk(m)), list(labels.chunk(m)),
-                                                torch.arange(cfg.data.seq_len, device=device))
+                        loss_sum += runner.step(list(inputs.chunk(m)), list(labels.chunk(m)), positions)
                     continue
                 with autocast():
-                    logits = model(inputs)
+                    logits = model(inputs, positions)
                 loss = loss_fn(logits, labels, plan.global_tokens, vocab_group)
                 loss.backward()
                 loss_sum += loss.detach().double()
@@ -970,8 +973,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == t.steps):
                     val_loader.load_state_dict(val_start)
                     record["val_loss"] = evaluate(model, val_loader, cfg.run.eval_steps * plan.grad_accum,
-                                                  groups["loss"], autocast, device, vocab_group, eval_runner,
-                                                  groups["pp"])
+                                                  groups["loss"], autocast, local_batch, positions, vocab_group,
+                                                  eval_runner, groups["pp"])
                 history.append(record)
                 if rank == 0:
                     mfu = f"{record['mfu']:.2f}%" if record["mfu"] is not None else "n/a"

@@ -121,22 +121,6 @@ def test_derived_values():
     assert plan.dp_size == 4 and plan.grad_accum == 2 and plan.global_tokens == 32 * 256
 
 
-def test_unimplemented_techniques_are_refused_not_ignored():
-    cfg = cfg_of("checkpoint.interval=10")  # checkpoint.py exists
-    train.check_available(cfg, train.validate(cfg, 1))
-    cfg = cfg_of("float8.enabled=true")  # float8.py exists
-    train.check_available(cfg, train.validate(cfg, 1))
-    cfg = cfg_of("parallel.tp=2")  # tensor_parallel.py exists
-    train.check_available(cfg, train.validate(cfg, 2))
-    cfg = cfg_of("parallel.pp=2", "model.n_layers=4")  # pipeline.py exists
-    train.check_available(cfg, train.validate(cfg, 2))
-    cfg = cfg_of("parallel.cp=2")
-    with pytest.raises(NotImplementedError, match="parallel.cp=2"):
-        train.check_available(cfg, train.validate(cfg, 2))
-    cfg = cfg_of("parallel.dp_replicate=2", "training.micro_batch_size=2")  # FSDP / HSDP exist
-    train.check_available(cfg, train.validate(cfg, 4))
-
-
 # ---------------------------------------------------------------------------------------
 # Rank layout [pp, dp_replicate, dp_shard, cp, tp], tp innermost (pure arithmetic)
 

@@ -1,0 +1,309 @@
+"""Context parallelism: the sequence split over the cp ranks, causal attention computed
+by ring attention (K/V blocks travel around the ring, partial results merged by their
+log-sum-exp), load-balanced so every rank does the same work.
+
+    local = shard_sequence(tokens, cp_rank, cp)        # (B, S) -> (B, 2c), c = S / (2 cp)
+    pos   = positions(S, cp_rank, cp)                  # the global position of each local token
+    apply_cp(model, cp_group, rotate="ring")           # swaps Attention.attention_fn
+    logits = model(local, pos)                         # RoPE at the global positions
+
+Load-balanced layout. The sequence is cut into 2 cp chunks of c = S / (2 cp) tokens;
+rank r holds chunks r and 2cp-1-r, concatenated (cp = 2: rank 0 [0, 3], rank 1 [1, 2]).
+Under the causal mask a query chunk j sees j + 1 key chunks, so rank r's pair sees
+(r + 1) + (2cp - r) = 2cp + 1 chunks whatever r: equal work. Inputs, labels (shifted in
+the global order first: the data loader's labels are) and RoPE positions are permuted
+the same way; the loss is a sum over tokens, so it does not care. Needs S % (2 cp) == 0
+(with sequence parallel also divisible by tp).
+
+Ring attention (forward), per attention call. Each rank keeps its queries; the packed
+(K, V) of every rank visits it once: at step i it holds rank src = (r - i) mod cp's
+block, passes it on to r + 1 and receives the next from r - 1 (isend / irecv posted
+before the computation, so the transfer overlaps it). The block plan (`block_plan`):
+    src == r   all local q against all local k/v with the causal mask: the local pair
+               [chunk r | chunk 2cp-1-r] is in increasing position order, so the plain
+               causal mask on the concatenation is the exact global mask
+    src <  r   all q against the FIRST half of k/v (chunk src, earlier than both query
+               chunks; its second half, chunk 2cp-1-src, is later than both: skipped)
+    src >  r   the SECOND half of q (chunk 2cp-1-r) against all k/v (both key chunks
+               are earlier; the first query chunk r sees neither: skipped)
+So after step 0 every step costs half a (2c x 2c) block on every rank, and blocks above
+the diagonal are never computed. Each block gives (out_b, lse_b), lse the natural-log
+sum of exp(scores) per query row; blocks merge exactly by
+    lse = logaddexp(lse, lse_b),  out = out exp(lse_old - lse) + out_b exp(lse_b - lse)
+in float32 (or float64). No row is ever fully masked (each query sees itself at step 0),
+so no block returns the lse = 0 of an empty row.
+
+Backward, with the FINAL out and lse saved in forward: the gradient of one block needs
+only its own scores, exp(q k_b^T s - lse) is the block's exact share of the softmax,
+so the per-block flash backward (given out, lse, dout) is exact. The same ring runs
+again: dq accumulates locally; dK/dV accumulate in a float32 buffer that travels with
+the K/V block, and after cp hops (one more than the K/V) it is back at its owner.
+Nothing is recomputed and no rank keeps another rank's K/V beyond the current block.
+
+Kernels: on CPU, aten's _scaled_dot_product_flash_attention_for_cpu returns the lse
+(natural log, float32 or float64) and has a backward that takes it; elsewhere a plain
+torch block (scores, logsumexp, softmax) computes the same. GQA: fewer K/V heads than
+query heads (query head j uses K/V head j // (H / Hkv)), handled by both.
+
+All-gather alternative (`rotate="allgather"`): one all-gather of K and V along the
+sequence (backward: reduce-scatter of their gradients), then one attention call over
+the whole sequence with the mask pos_q >= pos_k built from the positions. Same bytes, in
+one message instead of cp - 1; holds the whole sequence's K/V; computes the masked
+half of the scores too (about twice the causal FLOPs).
+
+Communication per attention call and rank (B batch, Hkv KV heads, hd head dim, a bytes
+per element): |KV_r| = 2 B Hkv (S/cp) hd a. Forward (cp-1) |KV_r|; backward (cp-1) |KV_r|
+plus cp |dKV_r| (float32). Per step: L layers x (forward + backward) x micro-batches.
+Memory per rank: activations of S / cp tokens (everything outside attention scales
+with the local sequence), plus 2 K/V blocks and 2 dK/dV blocks in flight; the longest
+sequence that fits grows ~linearly with cp. Parameters are replicated over cp (they see
+different tokens): their gradients are summed over cp, which the trainer does by
+folding cp into the FSDP group (dp_shard x cp).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+# ---------------------------------------------------------------------------------------
+# 1. The load-balanced layout
+
+def chunk_ids(cp_rank: int, cp: int) -> tuple[int, int]:
+    return cp_rank, 2 * cp - 1 - cp_rank
+
+
+def positions(seq_len: int, cp_rank: int, cp: int, device=None) -> torch.Tensor:
+    """Global positions of this rank's tokens: chunks r and 2cp-1-r."""
+    if seq_len % (2 * cp):
+        raise ValueError(f"context parallel: data.seq_len={seq_len} is not divisible by 2 x parallel.cp = {2 * cp}")
+    c = seq_len // (2 * cp)
+    return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in chunk_ids(cp_rank, cp)])
+
+
+def shard_sequence(x: torch.Tensor, cp_rank: int, cp: int, dim: int = 1) -> torch.Tensor:
+    """This rank's two chunks of x along `dim` (tokens, labels, or any per-token tensor)."""
+    return x.index_select(dim, positions(x.shape[dim], cp_rank, cp, x.device))
+
+
+def unshard_sequence(parts: list[torch.Tensor], cp: int, dim: int = 1) -> torch.Tensor:
+    """Inverse of shard_sequence given every rank's part (for tests and tools)."""
+    seq = sum(p.shape[dim] for p in parts)
+    order = torch.cat([positions(seq, r, cp) for r in range(cp)])
+    return torch.cat(parts, dim=dim).index_select(dim, torch.argsort(order).to(parts[0].device))
+
+
+def block_plan(step: int, cp_rank: int, cp: int) -> tuple[slice, slice, bool] | None:
+    """(query half, key/value half, causal) computed at ring step `step`, as slices of
+    the local sequence in units of chunks (0:2 both chunks, 0:1 first, 1:2 second)."""
+    src = (cp_rank - step) % cp
+    if src == cp_rank:
+        return slice(0, 2), slice(0, 2), True
+    if src < cp_rank:
+        return slice(0, 2), slice(0, 1), False
+    return slice(1, 2), slice(0, 2), False
+
+
+def attention_flops(cp_rank: int, cp: int, c: int) -> int:
+    """Query-key pairs scored by this rank over the ring (causal blocks count half,
+    as their masked half is skipped by the kernel): the load-balance check."""
+    pairs = 0
+    for step in range(cp):
+        qs, ks, causal = block_plan(step, cp_rank, cp)
+        n = ((qs.stop - qs.start) * c) * ((ks.stop - ks.start) * c)
+        pairs += n // 2 + (qs.stop - qs.start) * c // 2 if causal else n
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------
+# 2. One attention block with its log-sum-exp, forward and backward
+
+def _block_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of q (B, H, Lq, hd) against k, v (B, Hkv, Lk, hd)."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale)
+        return out, lse.contiguous()
+    rep = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q.float() @ kk.float().transpose(-1, -2)) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse.unsqueeze(-1)) @ vv.float()).to(q.dtype), lse
+
+
+def _block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    """(dq, dk, dv) of one block given the FINAL out and lse of its query rows."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+    rep = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
+    scores = (q.float() @ kk.transpose(-1, -2)) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.exp(scores - lse.unsqueeze(-1))
+    do = dout.float()
+    dv = p.transpose(-1, -2) @ do
+    ds = p * (do @ vv.transpose(-1, -2) - (do * out.float()).sum(-1, keepdim=True))
+    dq, dk = (ds @ kk) * scale, (ds.transpose(-1, -2) @ q.float()) * scale
+    fold = lambda t: t.unflatten(1, (k.shape[1], rep)).sum(2)  # sum the query heads of a KV head
+    return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+
+
+def _merge(out, lse, out_b, lse_b):
+    """Online-softmax merge of a block into the running (out, lse), in place."""
+    new = torch.logaddexp(lse, lse_b)
+    out.mul_(torch.exp(lse - new).unsqueeze(-1)).add_(out_b.to(out.dtype) * torch.exp(lse_b - new).unsqueeze(-1))
+    lse.copy_(new)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Ring attention
+
+def _exchange(send: torch.Tensor, recv: torch.Tensor, group: dist.ProcessGroup) -> list:
+    """Send to rank r+1, receive from rank r-1 (batched: no deadlock on gloo or NCCL)."""
+    cp, r = dist.get_world_size(group), dist.get_rank(group)
+    return dist.batch_isend_irecv([  # comm: cp group, |send| bytes out, |recv| in
+        dist.P2POp(dist.isend, send, group=group, group_peer=(r + 1) % cp),
+        dist.P2POp(dist.irecv, recv, group=group, group_peer=(r - 1) % cp),
+    ])
+
+
+def _rows(t: torch.Tensor, part: slice, c: int) -> torch.Tensor:
+    return t[:, :, part.start * c: part.stop * c]
+
+
+class RingAttention(torch.autograd.Function):
+    """Causal attention over the load-balanced sequence shards of the cp group.
+    q (B, H, 2c, hd), k, v (B, Hkv, 2c, hd) -> (B, H, 2c, hd)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group: dist.ProcessGroup):
+        cp, r = dist.get_world_size(group), dist.get_rank(group)
+        c, scale = q.shape[2] // 2, 1.0 / math.sqrt(q.shape[-1])
+        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
+        kv = torch.stack([k, v]).contiguous()  # (2, B, Hkv, 2c, hd): one message per step
+        for step in range(cp):
+            if step < cp - 1:  # pass this block on while computing with it
+                nxt = torch.empty_like(kv)
+                works = _exchange(kv, nxt, group)
+            qs, ks, causal = block_plan(step, r, cp)
+            out_b, lse_b = _block_forward(_rows(q, qs, c).contiguous(), _rows(kv[0], ks, c).contiguous(),
+                                          _rows(kv[1], ks, c).contiguous(), causal, scale)
+            _merge(_rows(out, qs, c), _rows(lse, qs, c), out_b, lse_b)
+            if step < cp - 1:
+                for w in works:
+                    w.wait()
+                kv = nxt
+        out = out.to(q.dtype)
+        ctx.group, ctx.scale = group, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, scale = ctx.group, ctx.scale
+        cp, r = dist.get_world_size(group), dist.get_rank(group)
+        c = q.shape[2] // 2
+        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+        kv = torch.stack([k, v]).contiguous()
+        dkv = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)  # travels with kv
+        for step in range(cp):
+            if step < cp - 1:  # the next K/V block moves while this one is used
+                nxt = torch.empty_like(kv)
+                kv_works = _exchange(kv, nxt, group)
+            qs, ks, causal = block_plan(step, r, cp)
+            dq_b, dk_b, dv_b = _block_backward(
+                _rows(dout, qs, c), _rows(q, qs, c).contiguous(), _rows(kv[0], ks, c).contiguous(),
+                _rows(kv[1], ks, c).contiguous(), _rows(out, qs, c), _rows(lse, qs, c),
+                causal, scale)
+            _rows(dq, qs, c).add_(dq_b)
+            _rows(dkv[0], ks, c).add_(dk_b)
+            _rows(dkv[1], ks, c).add_(dv_b)
+            # The accumulator for this block goes on to r + 1 (after the last step, that
+            # is the block's owner); r - 1's accumulator for the next block arrives.
+            nxt_dkv = torch.empty_like(dkv)
+            acc_works = _exchange(dkv, nxt_dkv, group)
+            if step < cp - 1:
+                for w in kv_works:
+                    w.wait()
+                kv = nxt
+            for w in acc_works:
+                w.wait()
+            dkv = nxt_dkv
+        dk, dv = dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+        return dq.to(q.dtype), dk, dv, None
+
+
+# ---------------------------------------------------------------------------------------
+# 4. The all-gather alternative
+
+class GatherSequence(torch.autograd.Function):
+    """All-gather along the sequence dim 2 (rank order); backward reduce-scatters."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        cp = dist.get_world_size(group)
+        out = x.new_empty((cp, *x.shape))
+        dist.all_gather_single(out.view(cp * x.shape[0], *x.shape[1:]), x.contiguous(), group=group)  # comm: cp
+        return torch.cat(out.unbind(0), dim=2)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        cp = dist.get_world_size(ctx.group)
+        stacked = torch.stack(dy.chunk(cp, dim=2)).contiguous()
+        out = stacked.new_empty(stacked.shape[1:])
+        dist.reduce_scatter_single(out, stacked.view(-1, *stacked.shape[2:]), group=ctx.group)  # comm: cp
+        return out, None
+
+
+def allgather_attention(q, k, v, *, group: dist.ProcessGroup, seq_len: int):
+    cp, r = dist.get_world_size(group), dist.get_rank(group)
+    k_all, v_all = GatherSequence.apply(k, group), GatherSequence.apply(v, group)
+    pos_q = positions(seq_len, r, cp, q.device)
+    pos_k = torch.cat([positions(seq_len, i, cp, q.device) for i in range(cp)])
+    mask = torch.zeros((pos_q.numel(), pos_k.numel()), dtype=q.dtype, device=q.device)
+    mask.masked_fill_(pos_q.unsqueeze(1) < pos_k.unsqueeze(0), float("-inf"))
+    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+
+
+def ring_attention(q, k, v, *, group: dist.ProcessGroup):
+    return RingAttention.apply(q, k, v, group)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Applying it to a Llama model
+
+ROTATE = ("ring", "allgather")
+
+
+def apply_cp(model: nn.Module, group: dist.ProcessGroup, seq_len: int, rotate: str = "ring") -> None:
+    """Swap every block's attention_fn for the context-parallel one (the model file is not
+    edited). The model must then be called with this rank's shard of the sequence and its
+    positions (shard_sequence, positions)."""
+    if rotate not in ROTATE:
+        raise ValueError(f"parallel.cp_rotate={rotate!r} does not exist; choose one of {list(ROTATE)}")
+    cp = dist.get_world_size(group)
+    if seq_len % (2 * cp):
+        raise ValueError(f"context parallel: data.seq_len={seq_len} is not divisible by 2 x parallel.cp = {2 * cp} "
+                         f"(the load-balanced layout cuts each sequence into 2 x cp chunks)")
+    for name, block in model.layers.items():
+        fn = block.attention.attention_fn
+        if getattr(fn, "__name__", "") != "causal_attention":
+            raise ValueError(f"context parallel: layers.{name}.attention.attention_fn is {fn!r}, not the causal "
+                             f"attention it replaces; ring attention here implements the causal mask only")
+        block.attention.attention_fn = (functools.partial(ring_attention, group=group) if rotate == "ring" else
+                                        functools.partial(allgather_attention, group=group, seq_len=seq_len))
