@@ -504,8 +504,8 @@ def apply_activation_checkpointing(model: llama.Transformer, mode: str, option: 
     if mode == "none":
         return
     full = functools.partial(recompute, use_reentrant=False, preserve_rng_state=False)
-    for i, block in enumerate(model.layers.values()):
-        if mode == "full" or (option != "op" and (i + 1) % option == 0):
+    for block in model.layers.values():  # layer_id: the global index, also on a pipeline stage
+        if mode == "full" or (option != "op" and (block.layer_id + 1) % option == 0):
             block.checkpoint_fn = full
         elif option == "op":
             context = functools.partial(create_selective_checkpoint_contexts, _sac_policy)
