@@ -34,9 +34,10 @@ Save
        gathered so every rank knows which chunks it writes (dedup), and copies its chunks
        to CPU memory (the clone the async writer reads, so training may go on).
     2. Write (in a background thread with async_save, else inline): each rank writes its
-       file into ROOT/step-N.tmp/, flushes and fsyncs it; barrier; rank 0 writes
-       metadata.json (to a temp file, fsync, rename), renames step-N.tmp -> step-N,
-       fsyncs ROOT, then prunes the oldest step-* beyond `keep`.
+       file into ROOT/step-N.tmp/ computing the CRC-32s, flushes and fsyncs it; the chunk
+       tables are gathered (which is also the barrier: every file is durable); rank 0
+       writes metadata.json (to a temp file, fsync, rename), renames step-N.tmp ->
+       step-N, fsyncs ROOT, then prunes the oldest step-* beyond `keep`.
     The writer's barrier and gathers run on a process group of their own (gloo), so the
     writer thread never issues a collective on the training group. At most one save is
     in flight: the next save (and close) waits for it.
@@ -180,62 +181,57 @@ class Checkpointer:
         for r, rank_keys in enumerate(holders):
             for key in rank_keys:
                 writer.setdefault(tuple(key), r)
-        # Snapshot: CPU copies of the chunks this rank writes, with their file layout.
-        blobs, entries, pos, crc = [], {}, 0, 0
-        for name, (t, shape, offset) in chunks.items():
-            if not t.numel() or writer[(name, offset, tuple(t.shape))] != self.rank:
-                continue
-            blob = t.detach().to("cpu", copy=True).contiguous()
-            data = _bytes(blob)
-            chunk_crc = zlib.crc32(data)
-            crc = zlib.crc32(data, crc)
-            entries[name] = dict(shape=list(shape), dtype=str(t.dtype).removeprefix("torch."), chunk=dict(
-                file=f"rank-{self.rank:05d}.bin", offset=list(offset), shape=list(t.shape), byte_offset=pos,
-                nbytes=len(data), crc32=chunk_crc))
-            blobs.append(blob)
-            pos += len(data)
-        file_info = (f"rank-{self.rank:05d}.bin", pos, crc)
-        gathered = self._all_gather((entries, file_info))
-        metadata = None
-        if self.rank == 0:
-            metadata = dict(format=FORMAT, step=step, world_size=self.world, layout=layout,
-                            optimizer=type(optimizer).__name__ if optimizer is not None else None,
-                            extra=extra or {}, tensors={}, files={})
-            for rank_entries, (file, nbytes, file_crc) in gathered:
-                metadata["files"][file] = dict(nbytes=nbytes, crc32=file_crc)
-                for name, e in rank_entries.items():
-                    t = metadata["tensors"].setdefault(name, dict(shape=e["shape"], dtype=e["dtype"], chunks=[]))
-                    t["chunks"].append(e["chunk"])
+        # Snapshot: CPU copies of the chunks this rank writes (all the training thread
+        # waits for with async_save; checksums and metadata are the writer's job).
+        snapshot = [(name, shape, offset, t.detach().to("cpu", copy=True).contiguous())
+                    for name, (t, shape, offset) in chunks.items()
+                    if t.numel() and writer[(name, offset, tuple(t.shape))] == self.rank]
+        header = dict(format=FORMAT, step=step, world_size=self.world, layout=layout,
+                      optimizer=type(optimizer).__name__ if optimizer is not None else None, extra=extra or {})
         if self.async_save:
-            self.thread = threading.Thread(target=self._write_guarded, args=(step, blobs, metadata), daemon=True)
+            self.thread = threading.Thread(target=self._write_guarded, args=(step, snapshot, header), daemon=True)
             self.thread.start()
         else:
-            self._write(step, blobs, metadata)
+            self._write(step, snapshot, header)
 
-    def _write_guarded(self, step: int, blobs: list, metadata: dict | None) -> None:
+    def _write_guarded(self, step: int, snapshot: list, header: dict) -> None:
         try:
-            self._write(step, blobs, metadata)
+            self._write(step, snapshot, header)
         except BaseException as e:  # re-raised by wait() in the training thread
             self.error = e
 
-    def _write(self, step: int, blobs: list[torch.Tensor], metadata: dict | None) -> None:
+    def _write(self, step: int, snapshot: list[tuple], header: dict) -> None:
         final = os.path.join(self.root, f"step-{step}")
         tmp = final + ".tmp"
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier save of this step
+            for entry in os.listdir(self.root):  # left by crashed saves (none is in flight now)
+                if entry.startswith("step-") and entry.endswith(".tmp"):
+                    shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
             os.makedirs(tmp)
         self._barrier()
-        path = os.path.join(tmp, f"rank-{self.rank:05d}.bin")
-        with open(path, "wb") as f:
-            for blob in blobs:
-                f.write(_bytes(blob))
+        file = f"rank-{self.rank:05d}.bin"
+        entries, pos, crc = {}, 0, 0
+        with open(os.path.join(tmp, file), "wb") as f:
+            for name, shape, offset, blob in snapshot:
+                data = _bytes(blob)
+                f.write(data)
+                entries[name] = dict(shape=list(shape), dtype=str(blob.dtype).removeprefix("torch."), chunk=dict(
+                    file=file, offset=list(offset), shape=list(blob.shape), byte_offset=pos, nbytes=len(data),
+                    crc32=zlib.crc32(data)))
+                crc, pos = zlib.crc32(data, crc), pos + len(data)
                 self._fault("after_chunk")
             f.flush()
             os.fsync(f.fileno())
         self._fault("after_file")
-        self._barrier()  # every rank's data is durable
+        gathered = self._all_gather((entries, (file, pos, crc)))  # also: every rank's data is durable
         if self.rank == 0:
+            metadata = dict(header, tensors={}, files={})
+            for rank_entries, (name, nbytes, file_crc) in gathered:
+                metadata["files"][name] = dict(nbytes=nbytes, crc32=file_crc)
+                for tensor, e in rank_entries.items():
+                    t = metadata["tensors"].setdefault(tensor, dict(shape=e["shape"], dtype=e["dtype"], chunks=[]))
+                    t["chunks"].append(e["chunk"])
             meta_tmp = os.path.join(tmp, "metadata.json.tmp")
             with open(meta_tmp, "w") as f:
                 json.dump(metadata, f)
@@ -247,7 +243,10 @@ class Checkpointer:
                 shutil.rmtree(final)  # the one case where the old copy goes before the new commits
             os.replace(tmp, final)  # the commit point
             _fsync_dir(self.root)
-            for old in list_checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:
+            # Prune the oldest of the EARLIER checkpoints; never this one, never later-
+            # numbered ones (a run resumed from an older checkpoint leaves those alone).
+            earlier = [s for s in list_checkpoints(self.root) if s < step]
+            for old in earlier[:max(0, len(earlier) - (self.keep - 1))] if self.keep > 0 else []:
                 shutil.rmtree(os.path.join(self.root, f"step-{old}"), ignore_errors=True)
         self._barrier()
 
@@ -267,6 +266,7 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         if self.group is not None:
+            dist.barrier(group=self.group)  # no rank tears the group down under another
             dist.destroy_process_group(self.group)
             self.group = None
 
@@ -358,7 +358,11 @@ class _Files:
     def chunk(self, info: dict, dtype: torch.dtype) -> torch.Tensor:
         name = info["file"]
         if name not in self.maps:
-            f = open(os.path.join(self.path, name), "rb")
+            try:
+                f = open(os.path.join(self.path, name), "rb")
+            except OSError as e:
+                raise CheckpointError(f"{os.path.join(self.path, name)}: cannot read it ({e.strerror}); the "
+                                      f"checkpoint is incomplete") from None
             size = os.fstat(f.fileno()).st_size
             self.maps[name] = (f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b"")
         _, mm = self.maps[name]
@@ -424,13 +428,14 @@ def read_metadata(path: str) -> dict:
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path} is not a committed checkpoint (no metadata.json); "
                               f"checkpoint.load takes 'latest' or a step-N directory")
-    with open(meta_path) as f:
+    with open(meta_path, "rb") as f:
         try:
-            metadata = json.load(f)
-        except json.JSONDecodeError as e:
+            metadata = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{meta_path} is not valid JSON ({e}): the checkpoint is corrupt") from None
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: format {metadata.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
+        raise CheckpointError(f"{meta_path}: format {found!r}, expected {FORMAT!r}")
     return metadata
 
 
@@ -479,6 +484,8 @@ def verify(path: str) -> None:
     for name, info in metadata["files"].items():
         file = os.path.join(path, name)
         crc, size = 0, 0
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: missing; the checkpoint is incomplete")
         with open(file, "rb") as f:
             while block := f.read(1 << 24):
                 crc, size = zlib.crc32(block, crc), size + len(block)

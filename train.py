@@ -925,7 +925,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             log(f"model {cfg.model.name}: {llama.num_params(args):,} parameters, {fpt / 1e6:.1f} MFLOP/token | "
                 f"peak {peak / 1e12:.3f} TFLOP/s ({peak_source}) | batch {t.batch_size} x {cfg.data.seq_len} "
                 f"= {plan.global_tokens:,} tokens/step, {plan.grad_accum} micro-steps of {t.micro_batch_size}/rank")
-        metrics_file = open(os.path.join(cfg.run.dir, "metrics.jsonl"), "w") if rank == 0 else None
+        # A resumed run appends to the metrics of the steps before its checkpoint.
+        metrics_file = (open(os.path.join(cfg.run.dir, "metrics.jsonl"), "a" if first_step > 1 else "w")
+                        if rank == 0 else None)
         history: list[dict] = []
         start = last_log = time.perf_counter()
         tokens_since_log = 0
