@@ -104,7 +104,7 @@ def split_layers(n_layers: int, n_stages: int, split_points: list[int] | None = 
     if n_stages > n_layers:
         raise ValueError(f"pipeline: {n_stages} stages (parallel.pp x parallel.pp_stages_per_rank) but only "
                          f"{n_layers} layers (model.n_layers); every stage needs at least one layer")
-    if split_points:
+    if split_points is not None:
         bounds = [0, *split_points, n_layers]
         if len(split_points) != n_stages - 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
             raise ValueError(f"pipeline: split points {split_points} must be {n_stages - 1} increasing layer "
@@ -266,6 +266,9 @@ def check_schedule_args(name: str, pp: int, m: int, v: int) -> None:
     """Clear errors for what a schedule cannot run."""
     if name not in SCHEDULES:
         raise ValueError(f"parallel.pp_schedule={name!r} does not exist; choose one of {list(SCHEDULES)}")
+    if m < 1 or v < 1:
+        raise ValueError(f"pipeline: parallel.pp_microbatches={m} and parallel.pp_stages_per_rank={v} must be >= 1 "
+                         f"(pp_microbatches 0 means one per pipeline rank)")
     if name == "interleaved_1f1b":
         if v < 2:
             raise ValueError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_stages_per_rank >= 2")
@@ -349,8 +352,8 @@ def format_schedule(actions: list[list[Action]], compute_only: bool = True) -> s
 def simulate(actions: list[list[Action]], n_stages: int, cost: dict[str, int] | None = None) -> dict:
     """Replay the compute actions with unit costs (F 1, B 2, I 1, W 1) and free
     communication: makespan, busy and idle time per rank, and per rank the peak number of
-    micro-batches in flight (forwarded, weight gradient not done) and holding their stage
-    activations (forwarded, B or I not done)."""
+    (stage, micro-batch) forwards in flight (weight gradient not done) and holding their
+    stage activations (B or I not done); with v stages per rank each counts A / v."""
     cost = cost or {"F": 1, "B": 2, "I": 1, "W": 1}
     pp = len(actions)
     orders = [[a for a in order if a.kind in COMPUTE] for order in actions]

@@ -379,7 +379,10 @@ def validate(cfg: Config, world_size: int) -> Plan:
             f"(load-balanced context parallel cuts the sequence into 2*cp chunks)"
         )
     stages = pp * p.pp_stages_per_rank
-    if p.pp_stages_per_rank < 1 or (pp > 1 and args.n_layers < stages):
+    if p.pp_stages_per_rank < 1 or p.pp_microbatches < 0:
+        raise ValueError(f"parallel.pp_stages_per_rank={p.pp_stages_per_rank} must be >= 1 and "
+                         f"parallel.pp_microbatches={p.pp_microbatches} >= 0 (0: one per pipeline rank)")
+    if pp > 1 and args.n_layers < stages:
         raise ValueError(
             f"model.n_layers={args.n_layers} is fewer than the pipeline stages "
             f"parallel.pp * parallel.pp_stages_per_rank = {pp} * {p.pp_stages_per_rank} = {stages}"

@@ -1,0 +1,787 @@
+"""Pipeline parallelism (pipeline.py) against exact formulas and the single-process oracle.
+
+What is proved (nothing here only checks that it ran):
+  * schedules, in this process, for every schedule with pp = 2, 3, 4 and m = pp, 2pp,
+    2pp + 1 (where allowed; GPipe also m = 1 < pp), interleaved with v = 2 and 3:
+    every (stage, micro-batch) has exactly one F and one B (or one F, I, W) on the rank
+    that owns the stage (s % pp), F before B (F before I before W) on that rank; the
+    dependency graph (program order + cross-stage data) is acyclic (Kahn, independent of
+    `simulate`); every cross-rank dependency has exactly one SEND after its producer and
+    one RECV before its consumer, with the right peers, no other SEND / RECV; per
+    (sender, receiver) pair the message sequence is identical on both sides (NCCL's
+    in-order matching, kinds mixed: pp = 2 interleaved sends F and B over one pair);
+    the evaluation schedule (forward_only) passes the same checks;
+  * `simulate` (unit costs F 1, B 2, I = W = 1) equals an independent graph replay, and
+    its idle slots per rank equal the bubble formulas: 3(p-1) for GPipe / 1F1B, 3(p-1)
+    chunk-units for interleaved (= (p-1)(t_F+t_B)/v in full-stage units), p-1 for
+    zero-bubble; bubble fractions (p-1)/(m+p-1) and (p-1)/(vm+p-1); peak in-flight per
+    rank equals the memory formulas (GPipe m; 1F1B p-r; interleaved min((v-1)p +
+    2(p-1-r) + 1, m v) chunks; zero-bubble peak_activations p-r, in-flight <= m);
+  * the docstring's 1F1B table is format_schedule's output; the checker above rejects
+    broken schedules (it can fail) and `simulate` raises on a cyclic (deadlocking)
+    schedule, cross-rank or on one rank;
+  * the runner, float64, direct (no train.main), pp = 2 and 4 for every schedule (pp = 4
+    interleaved on an 8-layer model), m = pp, 2pp, 2pp + 1, an explicit uneven split, 6
+    layers in 4 stages, and pp = 1 with 2 and 4 local stages (hand-over without P2P):
+    the last stage's loss equals the full-batch reference (1e-12), other ranks return
+    exactly 0, every parameter gradient on every rank equals the reference gradient of
+    the same name (1e-12), the ranks' parameter names partition the model's; a second
+    step without zero_grad gives exactly 2x (no state leaks, no rescaling); a per-micro-
+    batch mean loss gives m x the gradients (so the 1e-12 check excludes the classic
+    "m times too large" bug); zero-bubble's I leaves every nn.Linear weight gradient to W;
+    the forward-only evaluation runner gives the same loss and no gradients; each rank
+    sends exactly one B_mb x S x dim tensor per micro-batch per stage boundary it owns
+    (2 m (v p - 1) in all, at most 2 m v per rank, as the docstring says);
+  * train.main, float32, 10 steps: loss, grad norm and validation loss within 1e-4 of the
+    single-process run for every schedule at pp = 2 and 4, micro-batches 4 and 8, SGD and
+    AdamW, PP 2 x FSDP 2 (uneven split, gradient accumulation) and PP 2 x FSDP 2 x TP 2;
+    every rank logs the same loss;
+  * PP x FSDP (1F1B with an uneven split and gradient accumulation; interleaved, two FSDP
+    models per rank): per optimizer step, dist.reduce_scatter_single is called exactly
+    once per FSDP unit of the rank's stages (not once per micro-batch or micro-step);
+  * stages: split_layers even / uneven / explicit, build_stages keeps the model's names,
+    embeddings only on stage 0, norm / output only on the last, Stages.named_parameters
+    has no prefix;
+  * bad input: ValueErrors naming the keys and numbers (pipeline and train.validate);
+    one strict xfail documents a bug: negative parallel.pp_microbatches with gpipe is not
+    refused (and build_schedule('gpipe', pp, 0) is an empty schedule).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import llama
+import pipeline
+from distributed import run_on_ranks
+from pipeline import Action
+
+# `train` is imported only where needed: it imports fsdp -> torch._dynamo (~2.5 s per
+# process), which every rank of the direct runner tests would otherwise pay (unless the
+# forkserver preloaded it, see _fast_setup).
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F64 = torch.float64
+TOL = 1e-12
+SEED = 3
+B_MB, SEQ = 2, 16  # rows per micro-batch, sequence length of the direct runner tests
+MODEL = dict(dim=64, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=128)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_setup():
+    """Runtime only (as test_checkpoint): one intra-op thread in this process (the
+    single-process references; the ranks use one too), and, if no module has started
+    run_on_ranks' forkserver yet, start it preloading train (fsdp -> torch._dynamo, 2-5 s
+    per rank otherwise) and the test modules. The ranks are still fresh forks."""
+    import multiprocessing as mp
+    from multiprocessing import forkserver
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed", "train", "test_fsdp",
+                                                         "test_pipeline"])
+    forkserver.ensure_running()
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Schedules, in this process
+
+def _schedule_cases() -> list[tuple[str, int, int, int]]:
+    cases = []
+    for name in pipeline.SCHEDULES:
+        for pp in (2, 3, 4):
+            for v in ((2, 3) if name == "interleaved_1f1b" else (1,)):
+                ms = [pp, 2 * pp, 2 * pp + 1] + ([1] if name == "gpipe" else [])
+                for m in ms:
+                    if name == "interleaved_1f1b" and m % pp:
+                        continue
+                    cases.append((name, pp, m, v))
+    return cases
+
+
+def _deps(kind: str, stage: int, mb: int, n_stages: int, split: bool) -> list[tuple[str, int, int]]:
+    """Cross-stage and same-stage data dependencies of a compute action."""
+    bwd = "I" if split else "B"
+    if kind == "F":
+        return [("F", stage - 1, mb)] if stage > 0 else []
+    if kind in ("B", "I"):
+        return [("F", stage, mb)] + ([(bwd, stage + 1, mb)] if stage < n_stages - 1 else [])
+    return [("I", stage, mb)]  # W
+
+
+def _check_schedule(actions: list[list[Action]], pp: int, m: int, v: int) -> list[list[tuple]]:
+    """Raise AssertionError unless `actions` (with communication) is a valid schedule;
+    return the topological order of compute actions per rank (for _replay)."""
+    n = pp * v
+    assert len(actions) == pp
+    compute = [[a for a in order if a.kind in pipeline.COMPUTE] for order in actions]
+    split = any(a.kind == "I" for order in compute for a in order)
+    forward_only = not any(a.kind in ("B", "I") for order in compute for a in order)
+    kinds = ("F",) if forward_only else ("F", "I", "W") if split else ("F", "B")
+    # Exactly once each, on the owning rank, in dependency order on that rank.
+    where: dict[tuple, tuple[int, int]] = {}  # (kind, stage, mb) -> (rank, position)
+    for r, order in enumerate(compute):
+        for i, a in enumerate(order):
+            key = (a.kind, a.stage, a.mb)
+            assert a.kind in kinds, (r, str(a))
+            assert key not in where, f"{a} twice"
+            assert a.stage % pp == r, f"{a} on rank {r}"
+            where[key] = (r, i)
+    expected = {(k, s, i) for k in kinds for s in range(n) for i in range(m)}
+    assert set(where) == expected, (sorted(expected - set(where))[:5], sorted(set(where) - expected)[:5])
+    for s in range(n):
+        for i in range(m):
+            chain = [where[(k, s, i)][1] for k in kinds]
+            assert chain == sorted(chain), f"stage {s} mb {i}: {kinds} at positions {chain}"
+    # Acyclic: Kahn over program order + data dependencies.
+    preds = {key: set(_deps(*key, n, split)) for key in where}
+    for order in compute:
+        for a, b in zip(order, order[1:]):
+            preds[(b.kind, b.stage, b.mb)].add((a.kind, a.stage, a.mb))
+    succ = collections.defaultdict(list)
+    for key, ps in preds.items():
+        for p in ps:
+            succ[p].append(key)
+    count = {key: len(ps) for key, ps in preds.items()}
+    ready = [key for key, c in count.items() if c == 0]
+    topo = []
+    while ready:
+        key = ready.pop()
+        topo.append(key)
+        for nxt in succ[key]:
+            count[nxt] -= 1
+            if count[nxt] == 0:
+                ready.append(nxt)
+    assert len(topo) == len(where), f"cyclic dependencies: {len(where) - len(topo)} actions can never run"
+    # Communication: one SEND after the producer, one RECV before the consumer, per
+    # cross-rank dependency; nothing else.
+    needed = collections.Counter()  # (sender, receiver, kind, consuming stage, mb)
+    for kind, s, i in where:
+        if kind == "F" and s < n - 1:
+            needed[(s % pp, (s + 1) % pp, "F", s + 1, i)] += 1
+        if kind in ("B", "I") and s > 0:
+            needed[(s % pp, (s - 1) % pp, "B", s - 1, i)] += 1
+    needed = {k: c for k, c in needed.items() if k[0] != k[1]}
+    sent, received = collections.Counter(), collections.Counter()
+    channels = collections.defaultdict(lambda: ([], []))  # (sender, receiver) -> (sent, received) sequences
+    for r, order in enumerate(actions):
+        pos = {(a.kind, a.stage, a.mb): i for i, a in enumerate(order) if a.kind in pipeline.COMPUTE}
+        for i, a in enumerate(order):
+            if a.kind in pipeline.COMPUTE:
+                continue
+            assert a.kind in ("SEND_F", "SEND_B", "RECV_F", "RECV_B"), str(a)
+            assert a.peer != r and 0 <= a.peer < pp, str(a)
+            msg = a.kind[-1]
+            if a.kind.startswith("SEND"):
+                producer = ("F", a.stage - 1, a.mb) if msg == "F" else (("I" if split else "B"), a.stage + 1, a.mb)
+                assert a.peer == a.stage % pp, str(a)
+                assert producer in pos and pos[producer] < i, f"rank {r}: {a} before its producer"
+                sent[(r, a.peer, msg, a.stage, a.mb)] += 1
+                channels[(r, a.peer)][0].append((msg, a.stage, a.mb))
+            else:
+                consumer = ("F", a.stage, a.mb) if msg == "F" else (("I" if split else "B"), a.stage, a.mb)
+                assert a.peer == (a.stage - 1 if msg == "F" else a.stage + 1) % pp, str(a)
+                assert consumer in pos and pos[consumer] > i, f"rank {r}: {a} after its consumer"
+                received[(a.peer, r, msg, a.stage, a.mb)] += 1
+                channels[(a.peer, r)][1].append((msg, a.stage, a.mb))
+    assert dict(sent) == needed, "SENDs differ from the cross-rank dependencies"
+    assert dict(received) == needed, "RECVs differ from the cross-rank dependencies"
+    for pair, (s, rcv) in channels.items():
+        assert s == rcv, f"channel {pair}: sent {s[:6]}..., received {rcv[:6]}..."
+    return topo
+
+
+def _replay(actions: list[list[Action]], topo: list[tuple], n_stages: int, cost: dict) -> dict:
+    """Earliest start of every compute action in topological order (graph longest path),
+    and per rank the peak number of chunks forwarded and not yet released."""
+    pp = len(actions)
+    compute = [[a for a in order if a.kind in pipeline.COMPUTE] for order in actions]
+    split = any(a.kind == "I" for order in compute for a in order)
+    prev, rank_of = {}, {}
+    for r, order in enumerate(compute):
+        for a, b in zip([None, *order], order):
+            prev[(b.kind, b.stage, b.mb)] = None if a is None else (a.kind, a.stage, a.mb)
+            rank_of[(b.kind, b.stage, b.mb)] = r
+    end = {}
+    for key in topo:
+        ps = _deps(*key, n_stages, split) + ([prev[key]] if prev[key] else [])
+        end[key] = max([0] + [end[p] for p in ps]) + cost[key[0]]
+    makespan = max(end.values())
+    busy = [sum(cost[a.kind] for a in order) for order in compute]
+
+    def peak(order, release):
+        live = best = 0
+        for a in order:
+            live += a.kind == "F"
+            best = max(best, live)
+            live -= a.kind in release
+        return best
+
+    return dict(makespan=makespan, idle=[makespan - b for b in busy],
+                peak_in_flight=[peak(o, ("B", "W")) for o in compute],
+                peak_activations=[peak(o, ("B", "I")) for o in compute])
+
+
+@pytest.mark.parametrize("name, pp, m, v", _schedule_cases(), ids=lambda x: str(x))
+def test_schedule_is_valid_and_matches_the_formulas(name, pp, m, v):
+    actions = pipeline.build_schedule(name, pp, m, v)
+    topo = _check_schedule(actions, pp, m, v)
+    zb = name == "zero_bubble"
+    cost = {"F": 1, "B": 2, "I": 1, "W": 1}
+    sim = pipeline.simulate(actions, pp * v)
+    assert {k: sim[k] for k in ("makespan", "idle", "peak_in_flight", "peak_activations")} == \
+        _replay(actions, topo, pp * v, cost)
+    work = 3 * m * v  # per rank, chunk-units (t_F + t_B = 3, or t_F + t_I + t_W = 3)
+    assert sim["busy"] == [work] * pp
+    bubble = (pp - 1) if zb else 3 * (pp - 1)  # (p-1)(t_F+t_I-t_W) or (p-1)(t_F+t_B) [/v, full-stage units]
+    assert sim["idle"] == [bubble] * pp, sim
+    assert sim["makespan"] == work + bubble
+    if name in ("gpipe", "1f1b"):
+        assert Fraction(sim["idle"][0], sim["makespan"]) == Fraction(pp - 1, m + pp - 1)
+    if name == "interleaved_1f1b":
+        assert Fraction(sim["idle"][0], sim["makespan"]) == Fraction(pp - 1, v * m + pp - 1)
+    ranks = range(pp)
+    if name == "gpipe":
+        assert sim["peak_in_flight"] == [m] * pp
+    elif name == "1f1b":
+        assert sim["peak_in_flight"] == [pp - r for r in ranks]
+    elif name == "interleaved_1f1b":
+        assert sim["peak_in_flight"] == [min((v - 1) * pp + 2 * (pp - 1 - r) + 1, m * v) for r in ranks]
+    else:  # ZB-H1: 1F1B's stage activations; deferred W's may keep up to m in flight
+        assert sim["peak_activations"] == [pp - r for r in ranks]
+        assert all(pp - r <= x <= m for r, x in zip(ranks, sim["peak_in_flight"]))
+    if not zb:
+        assert sim["peak_activations"] == sim["peak_in_flight"]
+
+
+@pytest.mark.parametrize("pp", [2, 3, 4])
+@pytest.mark.parametrize("v", [1, 2])
+def test_forward_only_schedule_is_valid(pp, v):
+    """The evaluation schedule (forward_only + add_communication): valid by the same
+    checks; with t_F = 1 a rank idles p-1 (m >= p or v = 1), v(p-1) with one micro-batch."""
+    for m in (1, pp, 2 * pp + 1):
+        actions = pipeline.add_communication(pipeline.forward_only(pp, m, v), pp, pp * v)
+        topo = _check_schedule(actions, pp, m, v)
+        sim = pipeline.simulate(actions, pp * v)
+        assert sim["makespan"] == _replay(actions, topo, pp * v, {"F": 1})["makespan"]
+        assert sim["idle"] == [(pp - 1) * (v if m == 1 else 1)] * pp, (m, sim)
+
+
+def test_zero_bubble_beats_1f1b_and_interleaving_shrinks_the_bubble():
+    """The comparisons the formulas imply, in full-stage time (a chunk is 1/v stage)."""
+    for pp, m in ((2, 4), (4, 8)):
+        one = pipeline.simulate(pipeline.build_schedule("1f1b", pp, m), pp)
+        zb = pipeline.simulate(pipeline.build_schedule("zero_bubble", pp, m), pp)
+        inter = pipeline.simulate(pipeline.build_schedule("interleaved_1f1b", pp, m, 2), 2 * pp)
+        assert 3 * zb["idle"][0] == one["idle"][0]  # a third of 1F1B's bubble
+        assert Fraction(inter["idle"][0], 2) == Fraction(one["idle"][0], 2)  # /v in full-stage units
+        assert Fraction(inter["makespan"], 2) < one["makespan"]
+
+
+def test_docstring_table_is_format_schedules_output():
+    table = [line.strip() for line in pipeline.__doc__.splitlines() if line.strip().startswith("rank ")]
+    assert "\n".join(table) == pipeline.format_schedule(pipeline.build_schedule("1f1b", 2, 4))
+    assert table == ["rank 0 | 0F0 0F1 0B0 0F2 0B1 0F3 0B2 0B3", "rank 1 | 1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3"]
+    full = pipeline.format_schedule(pipeline.build_schedule("1f1b", 2, 2), compute_only=False)
+    assert full.splitlines() == [
+        "rank 0 | 0F0 SEND_F(1,0)->1 0F1 SEND_F(1,1)->1 RECV_B(0,0)<-1 0B0 RECV_B(0,1)<-1 0B1",
+        "rank 1 | RECV_F(1,0)<-0 1F0 1B0 SEND_B(0,0)->0 RECV_F(1,1)<-0 1F1 1B1 SEND_B(0,1)->0"]
+
+
+def _cyclic_cross_rank() -> list[list[Action]]:
+    """Rank 0 needs 1B0 before 0F1; rank 1 runs 1F1 (needs 0F1) before 1B0."""
+    r0 = [Action("F", 0, 0), Action("B", 0, 0), Action("F", 0, 1), Action("B", 0, 1)]
+    r1 = [Action("F", 1, 1), Action("B", 1, 1), Action("F", 1, 0), Action("B", 1, 0)]
+    return [r0, r1]
+
+
+def test_simulate_detects_deadlocks():
+    with pytest.raises(ValueError, match="deadlocks"):
+        pipeline.simulate(pipeline.add_communication(_cyclic_cross_rank(), 2, 2), 2)
+    same_rank = [[Action("F", 0, 0), Action("B", 0, 0)], [Action("B", 1, 0), Action("F", 1, 0)]]
+    with pytest.raises(ValueError, match="deadlocks"):
+        pipeline.simulate(same_rank, 2)
+    zb_w_first = [[Action("F", 0, 0), Action("W", 0, 0), Action("I", 0, 0)], [Action("F", 1, 0), Action("I", 1, 0),
+                                                                              Action("W", 1, 0)]]
+    with pytest.raises(ValueError, match="deadlocks"):
+        pipeline.simulate(zb_w_first, 2)
+
+
+def test_the_schedule_checker_can_fail():
+    """Each corruption of a valid schedule is caught by _check_schedule."""
+    good = pipeline.build_schedule("interleaved_1f1b", 2, 4, 2)
+    _check_schedule(good, 2, 4, 2)
+
+    def corrupt(fn):
+        actions = [list(order) for order in good]
+        fn(actions)
+        return actions
+
+    def early_recv(actions):  # rank 1 posts its first receive of a gradient from rank 0 first of all:
+        order = actions[1]  # still before its consumer, and each kind's order is kept, but the
+        a = next(a for a in order if a.kind == "RECV_B")  # pair's sequence (F and B mixed) is not
+        order.remove(a)
+        order.insert(0, a)
+
+    def drop_send(actions):
+        actions[0].remove(next(a for a in actions[0] if a.kind == "SEND_F"))
+
+    def backward_first(actions):  # 0B0 moved to the front of rank 0
+        a = next(a for a in actions[0] if a.kind == "B")
+        actions[0].remove(a)
+        actions[0].insert(0, a)
+
+    def duplicate(actions):
+        actions[1].append(Action("F", 1, 0))
+
+    def wrong_rank(actions):
+        actions[0].append(Action("F", 1, 9))
+
+    for fn, match in ((early_recv, "channel"), (drop_send, "SENDs differ"), (backward_first, "positions"),
+                      (duplicate, "twice"), (wrong_rank, "on rank 0")):
+        with pytest.raises(AssertionError, match=match):
+            _check_schedule(corrupt(fn), 2, 4, 2)
+    with pytest.raises(AssertionError, match="cyclic"):
+        _check_schedule(pipeline.add_communication(_cyclic_cross_rank(), 2, 2), 2, 2, 1)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("magic", 2, 2, 1), ["parallel.pp_schedule='magic'", "gpipe", "zero_bubble"]),
+    (("1f1b", 4, 3, 1), ["1f1b", "parallel.pp=4", "parallel.pp_microbatches=3"]),
+    (("zero_bubble", 4, 2, 1), ["zero_bubble", "parallel.pp=4", "parallel.pp_microbatches=2"]),
+    (("interleaved_1f1b", 4, 2, 2), ["parallel.pp_microbatches=2", "multiple of parallel.pp=4"]),
+    (("interleaved_1f1b", 2, 3, 2), ["parallel.pp_microbatches=3", "multiple of parallel.pp=2"]),
+    (("interleaved_1f1b", 2, 4, 1), ["interleaved_1f1b", "pp_stages_per_rank >= 2"]),
+    (("1f1b", 2, 4, 2), ["parallel.pp_stages_per_rank=2", "interleaved_1f1b"]),
+    (("gpipe", 2, 4, 2), ["parallel.pp_stages_per_rank=2", "gpipe"]),
+])
+def test_build_schedule_rejects_what_it_cannot_run(args, words):
+    with pytest.raises(ValueError) as err:
+        pipeline.build_schedule(*args)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Stages
+
+def test_split_layers():
+    assert pipeline.split_layers(8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert pipeline.split_layers(10, 4) == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]  # first stages one more
+    assert pipeline.split_layers(4, 4) == [[0], [1], [2], [3]]
+    assert pipeline.split_layers(4, 3, [1, 3]) == [[0], [1, 2], [3]]
+    assert pipeline.split_layers(6, 2, [5]) == [[0, 1, 2, 3, 4], [5]]
+    with pytest.raises(ValueError, match=r"5 stages .* only 4 layers \(model.n_layers\)"):
+        pipeline.split_layers(4, 5)
+    for points in ([0, 2], [2, 2], [3, 1], [1, 4], [1], [1, 2, 3], [-1, 2]):
+        with pytest.raises(ValueError) as err:
+            pipeline.split_layers(4, 3, points)
+        assert f"split points {points}" in str(err.value) and "2 increasing" in str(err.value), str(err.value)
+
+
+def test_build_stages_keeps_names_and_places_embeddings_and_output():
+    model = llama.build_model(llama.model_args("debug", **MODEL), "meta")
+    names = [n for n, _ in model.named_parameters()]
+    by_rank = {r: pipeline.build_stages(model, r, 2, 2) for r in range(2)}
+    assert {r: sorted(s) for r, s in by_rank.items()} == {0: [0, 2], 1: [1, 3]}  # looped placement
+    assert len(model.layers) == 4 and model.tok_embeddings is not None  # the original is untouched
+    seen = []
+    for r, stages in by_rank.items():
+        for s, stage in stages.items():
+            own = [n for n, _ in stage.named_parameters()]
+            assert {n.split(".")[1] for n in own if n.startswith("layers.")} == {str(s)}
+            assert ("tok_embeddings.weight" in own) == (s == 0)
+            assert ("norm.weight" in own) == ("output.weight" in own) == (s == 3)
+            seen += own
+        # Stages: the model's names, no "stages.N." prefix, every stage's parameters
+        wrapped = pipeline.Stages(stages)
+        assert [n for n, _ in wrapped.named_parameters()] == [n for st in stages.values() for n, _ in
+                                                             st.named_parameters()]
+        assert len(list(wrapped.parameters())) == len(list(wrapped.named_parameters()))
+    assert sorted(seen) == sorted(names)  # a partition of the model's parameters
+    uneven = pipeline.build_stages(model, 1, 2, 1, [1])  # layers 1..3 on stage 1
+    assert sorted({n.split(".")[1] for n, _ in uneven[1].named_parameters() if n.startswith("layers.")}) == \
+        ["1", "2", "3"]
+    assert "layers.3.feed_forward.w2.weight" in dict(uneven[1].named_parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# 3. The runner, float64, against the full-batch single-process reference
+
+def _args(n_layers: int = 4) -> llama.ModelArgs:
+    return llama.model_args("debug", **{**MODEL, "n_layers": n_layers})
+
+
+def _batch(args: llama.ModelArgs, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, args.vocab_size, (B_MB * m, SEQ + 1), generator=torch.Generator().manual_seed(m))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+
+
+def _reference(args: llama.ModelArgs, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict]:
+    model = llama.build_model(args, "cpu")
+    llama.init_weights(model, args, SEED)
+    model.to(F64)
+    loss = _ce_sum(model(inputs), labels) / labels.numel()
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _err(a: torch.Tensor | None, b: torch.Tensor) -> float:
+    if a is None or a.shape != b.shape:
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _runner_cases(rank: int, world: int, cases: list[tuple]) -> dict:
+    """Each case: (schedule, m, v, n_layers, split points, variant). variant: "plain"
+    (two steps, the second without zero_grad), "mean" (per-micro-batch mean loss),
+    "skip_w" (zero-bubble with W disabled)."""
+    refs, out = {}, {}
+    for case in cases:
+        name, m, v, n_layers, split, variant = case
+        args = _args(n_layers)
+        inputs, labels = _batch(args, m)
+        if (n_layers, m) not in refs:
+            refs[(n_layers, m)] = _reference(args, inputs, labels)
+        ref_loss, ref_grads = refs[(n_layers, m)]
+        stages = pipeline.build_stages(llama.build_model(args, "meta"), rank, world, v, split and list(split))
+        model = pipeline.Stages(stages)  # as train.py: one module to materialize and init
+        llama.materialize(model, "cpu")
+        llama.init_weights(model, args, SEED)
+        model.to(F64)
+        tokens = labels.numel()
+        if variant == "mean":  # the classic mistake: each micro-batch's own mean
+            loss_fn = lambda logits, y: _ce_sum(logits, y) / y.numel()  # noqa: E731
+        else:
+            loss_fn = lambda logits, y: _ce_sum(logits, y) / tokens  # noqa: E731
+        n = world * v
+        runner = pipeline.PipelineRunner(pipeline.build_schedule(name, world, m, v)[rank], stages, n,
+                                         dist.group.WORLD, loss_fn, (B_MB, SEQ, args.dim), F64, torch.device("cpu"))
+        if variant == "skip_w":
+            runner._backward_weight = lambda pairs: None
+
+        def step(run=runner) -> float:
+            return run.step(list(inputs.chunk(m)), list(labels.chunk(m)), positions=torch.arange(SEQ)).item()
+
+        params = dict(model.named_parameters())
+        r = dict(last=(n - 1) % world == rank, names=sorted(params), ref_loss=ref_loss, stages=sorted(stages))
+        if variant == "plain":  # evaluation first: forward only, no gradients
+            evaluator = pipeline.PipelineRunner(
+                pipeline.add_communication(pipeline.forward_only(world, m, v), world, n)[rank], stages, n,
+                dist.group.WORLD, loss_fn, (B_MB, SEQ, args.dim), F64, torch.device("cpu"))
+            with torch.no_grad():
+                r["eval_loss"] = step(evaluator)
+            r["eval_grads"] = sum(p.grad is not None for p in params.values())
+        sent = []  # elements this rank hands to isend in the training step
+        real = dist.batch_isend_irecv
+
+        def counted(ops):
+            sent.extend(op.tensor.numel() for op in ops if getattr(op.op, "__name__", "") == "isend")
+            return real(ops)
+
+        dist.batch_isend_irecv = counted
+        try:
+            r["loss"] = step()
+        finally:
+            dist.batch_isend_irecv = real
+        r["sent"] = sent
+        r["grad_err"] = {k: _err(p.grad, ref_grads[k]) for k, p in params.items()}
+        if variant == "plain":
+            r["loss2"] = step()  # no zero_grad: gradients accumulate
+            r["grad2_err"] = {k: _err(p.grad, 2 * ref_grads[k]) for k, p in params.items()}
+        elif variant == "mean":
+            r["grad_m_err"] = {k: _err(p.grad, m * ref_grads[k]) for k, p in params.items()}
+        else:
+            linear = {f"{prefix}.weight" for st in stages.values() for prefix, mod in st.named_modules()
+                      if isinstance(mod, nn.Linear)}
+            r["linear"] = sorted(linear)
+            r["no_grad"] = sorted(k for k, p in params.items() if p.grad is None)
+        out[case] = r
+    return out
+
+
+def _plain(pp: int) -> list[tuple]:
+    cases = []
+    for name in ("gpipe", "1f1b", "zero_bubble"):
+        for m in (pp, 2 * pp, 2 * pp + 1):
+            cases.append((name, m, 1, 4, None, "plain"))
+    cases += [("interleaved_1f1b", m, 2, 4 * pp // 2, None, "plain") for m in (pp, 2 * pp)]
+    return cases
+
+
+_RUNNER = {
+    # pp = 1: every stage on one rank, adjacent stages hand over locally (no P2P)
+    1: [("interleaved_1f1b", 2, 2, 4, None, "plain"), ("interleaved_1f1b", 3, 4, 4, None, "plain")],
+    2: _plain(2) + [("gpipe", 1, 1, 4, None, "plain"),  # GPipe with fewer micro-batches than stages
+                    ("1f1b", 4, 1, 4, (1,), "plain"),  # explicit uneven split: 1 + 3 layers
+                    ("interleaved_1f1b", 2, 2, 6, None, "plain"),  # 6 layers in 4 stages: 2 2 1 1
+                    ("1f1b", 4, 1, 4, None, "mean"), ("zero_bubble", 4, 1, 4, None, "skip_w")],
+    4: _plain(4) + [("1f1b", 8, 1, 4, None, "mean")],  # interleaved at pp = 4: 8 stages of 8 layers
+}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_runner_matches_the_full_batch_float64(world):
+    results = run_on_ranks(_runner_cases, world, _RUNNER[world], timeout=180)
+    for case in _RUNNER[world]:
+        name, m, v, n_layers, split, variant = case
+        per_rank = [res[case] for res in results]
+        model_names = sorted(n for n, _ in llama.build_model(_args(n_layers)).named_parameters())
+        assert sorted(n for r in per_rank for n in r["names"]) == model_names, case  # a partition
+        assert sum(r["last"] for r in per_rank) == 1
+        n = world * v  # the docstring's total: 2 m (v p - 1) messages per step (pp > 1)
+        assert sum(len(r["sent"]) for r in per_rank) == (2 * m * (n - 1) if world > 1 else 0), case
+        for rank, r in enumerate(per_rank):
+            if variant == "plain":
+                bad = {k: e for k, e in r["grad_err"].items() if not e <= TOL}
+                assert not bad, (case, rank, bad)
+                bad = {k: e for k, e in r["grad2_err"].items() if not e <= TOL}
+                assert not bad, (case, rank, "second step", bad)
+            elif variant == "mean":  # m x too large: the error the plain check rules out
+                bad = {k: e for k, e in r["grad_m_err"].items() if not e <= TOL}
+                assert not bad, (case, rank, bad)
+                assert min(r["grad_err"].values()) > 0.5 * (m - 1)
+            else:  # I computed no linear weight gradient; the rest is exact
+                assert r["linear"] and r["no_grad"] == r["linear"], (case, rank, r["no_grad"], r["linear"])
+                bad = {k: e for k, e in r["grad_err"].items() if k not in r["linear"] and not e <= TOL}
+                assert not bad, (case, rank, bad)
+            # P2P: one activation per micro-batch out of each stage but the last, one gradient
+            # out of each stage but the first; B_mb x S x dim elements each.
+            own = set(r["stages"])
+            boundaries = sum(s < world * v - 1 and s + 1 not in own for s in own) + sum(
+                s > 0 and s - 1 not in own for s in own)
+            assert r["sent"] == [B_MB * SEQ * MODEL["dim"]] * (m * boundaries), (case, rank, len(r["sent"]))
+            assert len(r["sent"]) <= 2 * m * v  # the docstring's per-rank bound
+            if variant == "plain":
+                assert r["eval_grads"] == 0, (case, rank)
+            if not r["last"]:
+                assert r["loss"] == 0.0 and r.get("loss2", 0.0) == r.get("eval_loss", 0.0) == 0.0, (case, rank)
+                continue
+            if variant == "plain":
+                assert abs(r["eval_loss"] - r["ref_loss"]) <= TOL * r["ref_loss"], (case, r["eval_loss"])
+            want = r["ref_loss"] * (m if variant == "mean" else 1)
+            assert abs(r["loss"] - want) <= TOL * want, (case, r["loss"], want)
+            if variant == "plain":
+                assert abs(r["loss2"] - want) <= TOL * want, (case, r["loss2"], want)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Loss parity through train.main, float32, 10 steps
+
+M4 = ["model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "run.eval_every=5", "run.eval_steps=1"]
+SGD = ["training.optimizer=sgd", "training.lr=0.5", "training.momentum=0.9"]
+
+
+def _pp(schedule: str, pp: int, m: int, *extra: str) -> list[str]:
+    return [f"parallel.pp={pp}", f"parallel.pp_schedule={schedule}", f"parallel.pp_microbatches={m}", *extra]
+
+
+# (name, optimizer overrides, world, layout)
+_LOSS_RUNS = [
+    ("pp2-gpipe-m4", [], 2, _pp("gpipe", 2, 4)),
+    ("pp2-1f1b-m8-sgd", SGD, 2, _pp("1f1b", 2, 8)),
+    ("pp2-interleaved-m8-sgd", SGD, 2, _pp("interleaved_1f1b", 2, 8, "parallel.pp_stages_per_rank=2")),
+    ("pp2-zero_bubble-m8", [], 2, _pp("zero_bubble", 2, 8)),
+    ("pp4-gpipe-m8-sgd", SGD, 4, _pp("gpipe", 4, 8)),
+    ("pp4-1f1b-m4", [], 4, _pp("1f1b", 4, 4)),
+    ("pp4-zero_bubble-m4-sgd", SGD, 4, _pp("zero_bubble", 4, 4)),
+    ("pp2-dp2-tp2", [], 8, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.tp=2", "training.micro_batch_size=4",
+                            "parallel.pp_microbatches=2"]),
+]
+_references: dict[tuple, list[dict]] = {}
+
+
+def _reference_run(tmp_path_factory, opt: list[str]) -> list[dict]:
+    """The single-process run in this process, cached per optimizer."""
+    from test_fsdp import _train_argv
+
+    key = tuple(opt)
+    if key not in _references:
+        import train
+
+        history = train.main(_train_argv(str(tmp_path_factory.mktemp("ref")), *M4, *opt))
+        losses = [r["loss"] for r in history]
+        assert len(losses) == 10 and losses[-1] < losses[0] - 0.05, losses  # it trains
+        assert [r["step"] for r in history if "val_loss" in r] == [5, 10]
+        _references[key] = history
+    return _references[key]
+
+
+def _check_parity(name: str, out: list[list[dict]], ref: list[dict]) -> None:
+    for rank in range(1, len(out)):  # the loss lives on the last stage; every rank logs it
+        assert [r["loss"] for r in out[rank]] == [r["loss"] for r in out[0]], (name, rank)
+        assert [r.get("val_loss") for r in out[rank]] == [r.get("val_loss") for r in out[0]], (name, rank)
+    got = out[0]
+    assert [r["step"] for r in got] == list(range(1, 11))
+    for a, b in zip(got, ref):
+        assert ("val_loss" in a) == ("val_loss" in b)
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) <= 1e-4 * abs(b[key]), (name, a["step"], key, a[key], b[key])
+
+
+@pytest.mark.parametrize("name, opt, world, layout", _LOSS_RUNS, ids=[r[0] for r in _LOSS_RUNS])
+def test_loss_parity_through_train(tmp_path_factory, name, opt, world, layout):
+    from test_fsdp import _train, _train_argv
+
+    ref = _reference_run(tmp_path_factory, opt)
+    out = run_on_ranks(_train, world, _train_argv(str(tmp_path_factory.mktemp(name)), *M4, *opt, *layout),
+                       timeout=300)
+    _check_parity(name, out, ref)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. PP x FSDP: one reduce-scatter per FSDP unit per optimizer step
+
+def _train_counting_reduce_scatter(rank: int, world: int, argv: list[str]) -> tuple[list[dict], list[int]]:
+    """train.main with dist.reduce_scatter_single counted; a step ends at clip_grad_norm.
+    Returns the history and the number of reduce-scatters in each step."""
+    import train
+
+    events = []
+    real_rs, real_clip = dist.reduce_scatter_single, train.clip_grad_norm
+
+    def counted(*args, **kwargs):
+        events.append("rs")
+        return real_rs(*args, **kwargs)
+
+    def clip(*args, **kwargs):
+        events.append("step")
+        return real_clip(*args, **kwargs)
+
+    dist.reduce_scatter_single, train.clip_grad_norm = counted, clip
+    try:
+        history = train.main(argv)
+    finally:
+        dist.reduce_scatter_single, train.clip_grad_norm = real_rs, real_clip
+    per_step, n = [], 0
+    for e in events:
+        if e == "rs":
+            n += 1
+        else:
+            per_step.append(n)
+            n = 0
+    assert n == 0, "reduce-scatters after the last step"
+    return history, per_step
+
+
+_FSDP_RUNS = [  # (name, optimizer, layout, pp_stages_per_rank, split points)
+    # 1 + 3 layers, 2 pipeline micro-batches x 2 micro-steps of gradient accumulation
+    ("1f1b-split-accum2-sgd", SGD, ["parallel.pp=2", "parallel.dp_shard=2", "training.micro_batch_size=2",
+                                    "parallel.pp_microbatches=2", "parallel.pp_split_points=[1]"], 1, [1]),
+    # two stages (two FSDP models) per rank; stage 2 is a middle stage without a root unit
+    ("interleaved", [], ["parallel.pp=2", "parallel.dp_shard=2", "training.micro_batch_size=4",
+                         "parallel.pp_microbatches=4", "parallel.pp_schedule=interleaved_1f1b",
+                         "parallel.pp_stages_per_rank=2"], 2, None),
+]
+
+
+@pytest.mark.parametrize("name, opt, layout, v, split", _FSDP_RUNS, ids=[r[0] for r in _FSDP_RUNS])
+def test_pp_fsdp_reduce_scatters_once_per_step(tmp_path_factory, name, opt, layout, v, split):
+    """PP 2 x FSDP 2: in every step each rank issues exactly one reduce-scatter per FSDP
+    unit of its stages (a unit per block, plus the root of the first / last stage), not
+    one per micro-batch (m, or m x micro-steps, times that); and the training matches the
+    single-process run."""
+    from test_fsdp import _train_argv
+
+    ref = _reference_run(tmp_path_factory, opt)
+    out = run_on_ranks(_train_counting_reduce_scatter, 4,
+                       _train_argv(str(tmp_path_factory.mktemp(name)), *M4, *opt, *layout), timeout=300)
+    n = 2 * v
+    layers = pipeline.split_layers(4, n, split)
+    units = {r: sum(len(layers[s]) + (s in (0, n - 1)) for s in range(r, n, 2)) for r in range(2)}
+    assert units == ({0: 2, 1: 4} if v == 1 else {0: 3, 1: 3})
+    for rank, (_, per_step) in enumerate(out):
+        assert per_step == [units[rank // 2]] * 10, (rank, per_step)  # rank = pp * 2 + dp_shard
+    _check_parity(name, [h for h, _ in out], ref)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Bad input through train.validate
+
+def _cfg(*overrides: str):
+    import train
+
+    return train.load_config(os.path.join(ROOT, "configs/debug.yaml"), list(overrides))
+
+
+@pytest.mark.parametrize("overrides, world, words", [
+    (["parallel.pp=4", "model.n_layers=3"], 4, ["model.n_layers=3", "parallel.pp * parallel.pp_stages_per_rank",
+                                                "= 4"]),
+    (["parallel.pp=2", "parallel.pp_stages_per_rank=3", "parallel.pp_schedule=interleaved_1f1b"], 2,
+     ["model.n_layers=4", "2 * 3 = 6"]),
+    (["parallel.pp=4", "parallel.pp_microbatches=2"], 4, ["1f1b", "parallel.pp=4", "parallel.pp_microbatches=2"]),
+    (["parallel.pp=4", "parallel.pp_microbatches=3", "parallel.pp_schedule=zero_bubble"], 4,
+     ["zero_bubble", "parallel.pp=4", "parallel.pp_microbatches=3"]),
+    (["parallel.pp=2", "parallel.pp_microbatches=1", "parallel.pp_schedule=interleaved_1f1b",
+      "parallel.pp_stages_per_rank=2"], 2, ["parallel.pp_microbatches=1", "parallel.pp=2"]),
+    (["parallel.pp=4", "parallel.pp_microbatches=6", "parallel.pp_schedule=interleaved_1f1b", "model.n_layers=8",
+      "parallel.pp_stages_per_rank=2"], 4, ["parallel.pp_microbatches=6", "multiple of parallel.pp=4"]),
+    (["parallel.pp=2", "parallel.pp_microbatches=3"], 2, ["training.micro_batch_size=8", "parallel.pp_microbatches=3"]),
+    (["parallel.pp=2", "parallel.dp_shard=2", "training.micro_batch_size=4", "parallel.pp_microbatches=8"], 4,
+     ["training.micro_batch_size=4", "parallel.pp_microbatches=8"]),
+    (["parallel.pp=2", "parallel.pp_schedule=zero_bubble", "parallel.dp_shard=2", "training.micro_batch_size=4"], 4,
+     ["zero_bubble", "FSDP"]),
+    (["parallel.pp=2", "parallel.pp_schedule=zero_bubble", "parallel.dp_replicate=2", "training.micro_batch_size=4"],
+     4, ["zero_bubble", "FSDP"]),
+    (["parallel.pp=2", "parallel.pp_schedule=zero_bubble", "float8.enabled=true"], 2,
+     ["zero_bubble", "float8.enabled"]),
+    (["parallel.pp=2", "parallel.pp_schedule=zero_bubble", "activation_checkpoint.mode=full"], 2,
+     ["zero_bubble", "activation_checkpoint.mode"]),
+    (["parallel.pp=2", "parallel.pp_schedule=zero_bubble", "parallel.tp=2", "parallel.async_tp=true"], 4,
+     ["zero_bubble", "parallel.async_tp"]),
+    (["parallel.pp=2", "parallel.pp_stages_per_rank=2"], 2, ["parallel.pp_stages_per_rank=2", "1f1b"]),
+    (["parallel.pp=2", "parallel.pp_split_points=[0]"], 2, ["split points [0]", "(0, 4)"]),
+    (["parallel.pp=2", "parallel.pp_split_points=[4]"], 2, ["split points [4]", "(0, 4)"]),
+    (["parallel.pp=2", "parallel.pp_split_points=[1, 2]"], 2, ["split points [1, 2]", "1 increasing"]),
+    (["parallel.pp=4", "parallel.pp_split_points=[1, 3, 2]"], 4, ["split points [1, 3, 2]", "3 increasing"]),
+    (["parallel.pp=2", "parallel.pp_split_points=[true]"], 2, ["parallel.pp_split_points=[True]", "layer indices"]),
+])
+def test_validate_rejects_pipeline_configs(overrides, world, words):
+    import train
+
+    with pytest.raises(ValueError) as err:
+        train.validate(_cfg(*overrides), world)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_nonpositive_microbatches_are_refused():
+    import train
+
+    with pytest.raises(ValueError, match="pp_microbatches=-1"):
+        train.validate(_cfg("parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_microbatches=-1"), 2)
+    with pytest.raises(ValueError):
+        pipeline.build_schedule("gpipe", 2, 0)
+
+
+def test_validate_accepts_what_the_pipeline_can_run():
+    import train
+
+    ok = [
+        (["parallel.pp=2", "parallel.pp_schedule=zero_bubble"], 2, "pp2 dp1x1 cp1 tp1"),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_stages_per_rank=2",
+          "parallel.pp_microbatches=4"], 2, "pp2 dp1x1 cp1 tp1"),
+        (["parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_microbatches=1"], 2, "pp2 dp1x1 cp1 tp1"),
+        (["parallel.pp=4", "parallel.pp_microbatches=8", "parallel.pp_split_points=[1, 2, 3]"], 4,
+         "pp4 dp1x1 cp1 tp1"),
+        (["parallel.pp=2", "parallel.tp=2", "training.micro_batch_size=4", "parallel.pp_microbatches=2"], 8,
+         "pp2 dp1x2 cp1 tp2"),
+    ]
+    for overrides, world, layout in ok:
+        assert train.validate(_cfg(*overrides), world).layout == layout, overrides
