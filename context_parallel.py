@@ -124,19 +124,24 @@ def attention_flops(cp_rank: int, cp: int, c: int) -> int:
 # ---------------------------------------------------------------------------------------
 # 2. One attention block with its log-sum-exp, forward and backward
 
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _block_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of q (B, H, Lq, hd) against k, v (B, Hkv, Lk, hd)."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale)
         return out, lse.contiguous()
+    acc = _acc_dtype(q)
     rep = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    scores = (q.float() @ kk.float().transpose(-1, -2)) * scale
+    scores = (q.to(acc) @ kk.to(acc).transpose(-1, -2)) * scale
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    return (torch.exp(scores - lse.unsqueeze(-1)) @ vv.float()).to(q.dtype), lse
+    return (torch.exp(scores - lse.unsqueeze(-1)) @ vv.to(acc)).to(q.dtype), lse
 
 
 def _block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
@@ -144,16 +149,17 @@ def _block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+    acc = _acc_dtype(q)
     rep = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
-    scores = (q.float() @ kk.transpose(-1, -2)) * scale
+    kk, vv = k.repeat_interleave(rep, 1).to(acc), v.repeat_interleave(rep, 1).to(acc)
+    scores = (q.to(acc) @ kk.transpose(-1, -2)) * scale
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
     p = torch.exp(scores - lse.unsqueeze(-1))
-    do = dout.float()
+    do = dout.to(acc)
     dv = p.transpose(-1, -2) @ do
-    ds = p * (do @ vv.transpose(-1, -2) - (do * out.float()).sum(-1, keepdim=True))
-    dq, dk = (ds @ kk) * scale, (ds.transpose(-1, -2) @ q.float()) * scale
+    ds = p * (do @ vv.transpose(-1, -2) - (do * out.to(acc)).sum(-1, keepdim=True))
+    dq, dk = (ds @ kk) * scale, (ds.transpose(-1, -2) @ q.to(acc)) * scale
     fold = lambda t: t.unflatten(1, (k.shape[1], rep)).sum(2)  # sum the query heads of a KV head
     return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
 
@@ -189,7 +195,7 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group: dist.ProcessGroup):
         cp, r = dist.get_world_size(group), dist.get_rank(group)
         c, scale = q.shape[2] // 2, 1.0 / math.sqrt(q.shape[-1])
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc_dtype = _acc_dtype(q)
         out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
         kv = torch.stack([k, v]).contiguous()  # (2, B, Hkv, 2c, hd): one message per step
@@ -216,7 +222,7 @@ class RingAttention(torch.autograd.Function):
         group, scale = ctx.group, ctx.scale
         cp, r = dist.get_world_size(group), dist.get_rank(group)
         c = q.shape[2] // 2
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc_dtype = _acc_dtype(q)
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         kv = torch.stack([k, v]).contiguous()
         dkv = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)  # travels with kv
@@ -300,10 +306,24 @@ def apply_cp(model: nn.Module, group: dist.ProcessGroup, seq_len: int, rotate: s
     if seq_len % (2 * cp):
         raise ValueError(f"context parallel: data.seq_len={seq_len} is not divisible by 2 x parallel.cp = {2 * cp} "
                          f"(the load-balanced layout cuts each sequence into 2 x cp chunks)")
-    for name, block in model.layers.items():
+    for name, block in model.layers.items():  # check every block before changing any
         fn = block.attention.attention_fn
-        if getattr(fn, "__name__", "") != "causal_attention":
-            raise ValueError(f"context parallel: layers.{name}.attention.attention_fn is {fn!r}, not the causal "
-                             f"attention it replaces; ring attention here implements the causal mask only")
+        if not _is_causal(fn):
+            raise ValueError(f"context parallel: layers.{name}.attention.attention_fn is {fn!r}, which does not "
+                             f"compute causal attention; ring attention here implements the causal mask only")
+    for block in model.layers.values():
         block.attention.attention_fn = (functools.partial(ring_attention, group=group) if rotate == "ring" else
                                         functools.partial(allgather_attention, group=group, seq_len=seq_len))
+
+
+def _is_causal(fn) -> bool:
+    """Whether fn(q, k, v) is plain causal attention: checked on a small random probe
+    (with GQA) against F.scaled_dot_product_attention(is_causal=True), not by name."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 6, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    try:
+        out = fn(q, k, v)
+    except Exception:  # e.g. an attention already made context-parallel (needs its group)
+        return False
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return isinstance(out, torch.Tensor) and out.shape == ref.shape and torch.allclose(out, ref, atol=1e-10)

@@ -373,6 +373,8 @@ def validate(cfg: Config, world_size: int) -> Plan:
     if cfg.float8.fsdp_float8_all_gather and cfg.float8.recipe != "tensorwise":
         raise ValueError(f"float8.fsdp_float8_all_gather=true needs float8.recipe=tensorwise (got "
                          f"{cfg.float8.recipe!r}): rowwise weights are gathered in high precision")
+    if p.cp_rotate not in context_parallel.ROTATE:
+        raise ValueError(f"parallel.cp_rotate={p.cp_rotate!r} is not one of {list(context_parallel.ROTATE)}")
     if cp > 1 and cfg.data.seq_len % (2 * cp):
         raise ValueError(
             f"data.seq_len={cfg.data.seq_len} is not divisible by 2 * parallel.cp = {2 * cp} "
