@@ -24,11 +24,22 @@ SEND_B / RECV_B (their gradients to the previous stage) mechanically from the sa
 global table on every rank: a send right after the action that produces it, the
 receives in the order the peer sends them (NCCL matches point-to-point messages between
 two ranks in issue order, ignoring tags), each posted no later than just before the
-action that needs it. Example, `print(format_schedule(build_schedule("1f1b", 2, 4)))`
-(compute only; F = forward, B = backward, the number is the micro-batch):
+action that needs it. The tables for p = 2 ranks and m = 4 micro-batches, printed by
+`format_schedule(build_schedule(name, 2, 4, v))` (compute only; "sXi" = action X of stage
+s on micro-batch i; F forward, B backward, I / W backward for input / weights):
 
+    [gpipe]
+    rank 0 | 0F0 0F1 0F2 0F3 0B0 0B1 0B2 0B3
+    rank 1 | 1F0 1F1 1F2 1F3 1B0 1B1 1B2 1B3
+    [1f1b]
     rank 0 | 0F0 0F1 0B0 0F2 0B1 0F3 0B2 0B3
     rank 1 | 1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3
+    [interleaved_1f1b] (v = 2: rank 0 holds stages 0 and 2, rank 1 stages 1 and 3)
+    rank 0 | 0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 2B2 2B3 0B2 0B3
+    rank 1 | 1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3
+    [zero_bubble]
+    rank 0 | 0F0 0F1 0I0 0F2 0I1 0F3 0I2 0W0 0I3 0W1 0W2 0W3
+    rank 1 | 1F0 1I0 1F1 1I1 1F2 1I2 1F3 1I3 1W0 1W1 1W2 1W3
 
 The runner executes the list in order: RECV posts an irecv (non-blocking); a run of
 consecutive SEND/RECV actions goes out as one batch_isend_irecv; a compute action waits

@@ -17,7 +17,7 @@ What is proved (nothing here only checks that it ran):
     zero-bubble; bubble fractions (p-1)/(m+p-1) and (p-1)/(vm+p-1); peak in-flight per
     rank equals the memory formulas (GPipe m; 1F1B p-r; interleaved min((v-1)p +
     2(p-1-r) + 1, m v) chunks; zero-bubble peak_activations p-r, in-flight <= m);
-  * the docstring's 1F1B table is format_schedule's output; the checker above rejects
+  * the docstring's schedule tables are format_schedule's output; the checker above rejects
     broken schedules (it can fail) and `simulate` raises on a cyclic (deadlocking)
     schedule, cross-rank or on one rank;
   * the runner, float64, direct (no train.main), pp = 2 and 4 for every schedule (pp = 4
@@ -289,10 +289,27 @@ def test_zero_bubble_beats_1f1b_and_interleaving_shrinks_the_bubble():
         assert Fraction(inter["makespan"], 2) < one["makespan"]
 
 
-def test_docstring_table_is_format_schedules_output():
-    table = [line.strip() for line in pipeline.__doc__.splitlines() if line.strip().startswith("rank ")]
-    assert "\n".join(table) == pipeline.format_schedule(pipeline.build_schedule("1f1b", 2, 4))
-    assert table == ["rank 0 | 0F0 0F1 0B0 0F2 0B1 0F3 0B2 0B3", "rank 1 | 1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3"]
+def _docstring_tables() -> dict[str, list[str]]:
+    """The docstring's schedule tables: {name: ["rank 0 | ...", "rank 1 | ..."]}."""
+    tables, name = {}, None
+    for line in (x.strip() for x in pipeline.__doc__.splitlines()):
+        if line.startswith("[") and "]" in line:
+            name = line[1:line.index("]")]
+            tables[name] = []
+        elif name is not None and line.startswith("rank "):
+            tables[name].append(line)
+        else:
+            name = None
+    return tables
+
+
+def test_docstring_tables_are_format_schedules_output():
+    tables = _docstring_tables()
+    assert set(tables) == set(pipeline.SCHEDULES)
+    for name, table in tables.items():
+        v = 2 if name == "interleaved_1f1b" else 1
+        assert "\n".join(table) == pipeline.format_schedule(pipeline.build_schedule(name, 2, 4, v)), name
+    assert tables["1f1b"] == ["rank 0 | 0F0 0F1 0B0 0F2 0B1 0F3 0B2 0B3", "rank 1 | 1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3"]
     full = pipeline.format_schedule(pipeline.build_schedule("1f1b", 2, 2), compute_only=False)
     assert full.splitlines() == [
         "rank 0 | 0F0 SEND_F(1,0)->1 0F1 SEND_F(1,1)->1 RECV_B(0,0)<-1 0B0 RECV_B(0,1)<-1 0B1",
