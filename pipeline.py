@@ -162,7 +162,6 @@ class Stages(nn.Module):
     def __init__(self, stages: dict[int, nn.Module]):
         super().__init__()
         self.stages = nn.ModuleDict({str(s): m for s, m in stages.items()})
-        self.args = next(iter(stages.values())).args
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         for stage in self.stages.values():
