@@ -525,7 +525,75 @@ def apply_compile(model: llama.Transformer) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# 5. Optimizer, schedule, loss
+# 5. The parallelize chain
+
+
+@dataclass
+class Parallelized:
+    model: torch.nn.Module  # the Transformer, or pipeline.Stages holding this rank's stages
+    stages: dict[int, llama.Transformer]  # stage index -> stage (one entry, 0, without PP)
+    fsdp_states: dict[int, object]  # stage index -> fsdp state (empty without FSDP)
+    float8_skipped: list[tuple[str, str]]  # (linear, why it stays in high precision)
+
+
+def parallelize(cfg: Config, plan: Plan, groups: dict[str, dist.ProcessGroup], coords: dict[str, int],
+                device: str | torch.device = "meta") -> Parallelized:
+    """Build the model on `device` (meta: shapes only, no memory, no init) and apply the
+    techniques in this order, each seeing the model the previous one left:
+        float8 swap -> pipeline split -> tensor parallel -> context parallel ->
+        activation checkpointing -> compile -> FSDP.
+    Float8 comes first so that TP shards a Float8Linear like any linear. AC wraps each
+    block before compile so the compiled graph includes the recomputation; compile comes
+    before FSDP so FSDP's collectives stay outside the compiled blocks. No collective is
+    issued here: the dry-run planner runs this same function under a fake process group."""
+    args, degrees, t = plan.model_args, plan.degrees, cfg.training
+    model = llama.build_model(args, device=device)
+    skipped = []
+    if cfg.float8.enabled:
+        tp = degrees["tp"]
+        skipped = float8.convert_to_float8(
+            model, cfg.float8.recipe, fsdp_float8_all_gather=cfg.float8.fsdp_float8_all_gather,
+            local_shape=functools.partial(tensor_parallel.local_shape, t=tp) if tp > 1 else None)
+    # Pipeline: this rank keeps its stages (layers r, r + pp, ... of the split, with the
+    # embeddings on stage 0 and norm + output on the last); the techniques below apply to
+    # each stage, which is a Transformer with the model's parameter names.
+    pp, v = degrees["pp"], cfg.parallel.pp_stages_per_rank
+    stages = {0: model}
+    if pp > 1:
+        stages = pipeline.build_stages(model, coords["pp"], pp, v, cfg.parallel.pp_split_points)
+    fsdp_states = {}
+    for s, stage in stages.items():
+        # Tensor parallel over tp: column / row-parallel projections, a vocabulary-parallel
+        # embedding and output; the norms under sequence parallel get partial gradients,
+        # summed over tp after backward (reduce_sequence_parallel_grads).
+        if degrees["tp"] > 1:
+            tensor_parallel.apply_tp(stage, groups["tp"], cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel,
+                                     cfg.parallel.async_tp)
+        # Context parallel: each rank holds 2 of the 2 cp chunks of every sequence;
+        # attention becomes ring (or all-gather) attention over the cp group.
+        if degrees["cp"] > 1:
+            context_parallel.apply_cp(stage, groups["cp"], cfg.data.seq_len, cfg.parallel.cp_rotate)
+        apply_activation_checkpointing(stage, cfg.activation_checkpoint.mode,
+                                       cfg.activation_checkpoint.selective_option)
+        if cfg.compile:
+            apply_compile(stage)
+        # FSDP over dp_shard x cp (CP ranks hold the same weights), replicated over
+        # dp_replicate (HSDP): one unit per block plus the root (embeddings, norm, output).
+        # Mixed precision: fp32 shards, bf16 gather and compute, fp32 reduce-scatter.
+        if degrees["dp_shard"] * degrees["cp"] * degrees["dp_replicate"] > 1:
+            fsdp_states[s] = fsdp.apply_fsdp(
+                stage, list(stage.layers.values()), groups["dp_shard_cp"], groups["dp_replicate"],
+                param_dtype=torch.bfloat16 if DTYPES[t.dtype] == torch.bfloat16 else None,
+                reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
+            )
+    if pp > 1:
+        model = pipeline.Stages(stages)  # one module for init, optimizer, checkpoints
+    return Parallelized(model, stages, fsdp_states, skipped)
+
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Optimizer, schedule, loss
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
@@ -602,7 +670,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, shard_group: dis
 
 
 # ---------------------------------------------------------------------------------------
-# 6. Metrics: FLOPs peak, memory, the log line
+# 7. Metrics: FLOPs peak, memory, the log line
 
 # bf16 dense peak FLOP/s per device (vendor figures, as TorchTitan's table).
 PEAK_FLOPS = {"H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
@@ -646,15 +714,16 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# 7. The recipe
+# 8. The recipe
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed() -> tuple[int, int, torch.device, bool]:
     """Initialize the default process group from torchrun's environment, or a size-1
-    group for a plain `python train.py`, so every code path is the same."""
+    group for a plain `python train.py`, so every code path is the same. The last value
+    says whether this call created the group (then the caller destroys it)."""
     if "RANK" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -667,12 +736,12 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if dist.is_initialized():  # e.g. a test harness that set up the group already
-        pass
-    elif "RANK" in os.environ:
+        return rank, world, device, False
+    if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timedelta(minutes=10))
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return rank, world, device
+    return rank, world, device, True
 
 
 class StopSignal:
@@ -742,10 +811,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = DTYPES[t.dtype]
 
     # 2. Distributed init (a size-1 group without torchrun). Whatever happens next, the
-    # group is destroyed and the signal handlers restored on the way out.
-    rank, world, device = init_distributed()
+    # groups made here are destroyed and the signal handlers restored on the way out (a
+    # default group set up by the caller, e.g. a test harness, is left to the caller).
+    rank, world, device, owns_default_group = init_distributed()
     stop = StopSignal()
     metrics_file = None
+    groups = {}
     try:
         # 3. Process groups.
         groups = build_groups(plan.degrees, rank)
@@ -779,61 +850,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      dp_rank, plan.dp_size, t.seed)
         val_start = val_loader.state_dict()
 
-        # 5. Model on the meta device: shapes only, no memory, no init yet.
+        # 5-6. The model on the meta device (shapes only, no memory), parallelized.
         args = plan.model_args
-        model = llama.build_model(args, device="meta")
-
-        # 6. Parallelize, in this order (each step sees the model the previous one left):
-        #    float8 swap -> pipeline split -> tensor parallel -> context parallel ->
-        #    activation checkpointing -> compile -> FSDP.
-        #    AC wraps each block before compile so the compiled graph includes the
-        #    recomputation; compile comes before FSDP so FSDP's collectives stay outside
-        #    the compiled blocks.
-        if cfg.float8.enabled:  # first: TP would then shard a Float8Linear like any linear
-            tp = plan.degrees["tp"]
-            skipped = float8.convert_to_float8(
-                model, cfg.float8.recipe, fsdp_float8_all_gather=cfg.float8.fsdp_float8_all_gather,
-                local_shape=functools.partial(tensor_parallel.local_shape, t=tp) if tp > 1 else None)
-            if rank == 0:
-                for name, reason in skipped:
-                    log(f"float8: {name} stays in {t.dtype}: {reason}")
-        # Pipeline: this rank keeps its stages (layers r, r + pp, ... of the split, with
-        # the embeddings on stage 0 and norm + output on the last); the techniques below
-        # apply to each stage, which is a Transformer with the model's parameter names.
-        pp, v = plan.degrees["pp"], cfg.parallel.pp_stages_per_rank
-        stages = {0: model}
-        if pp > 1:
-            stages = pipeline.build_stages(model, coords["pp"], pp, v, cfg.parallel.pp_split_points)
-        # Tensor parallel over tp: column / row-parallel projections, a vocabulary-parallel
-        # embedding and output; the norms under sequence parallel get partial gradients,
-        # summed over tp after backward (reduce_sequence_parallel_grads).
+        par = parallelize(cfg, plan, groups, coords)
+        if rank == 0:
+            for name, reason in par.float8_skipped:
+                log(f"float8: {name} stays in {t.dtype}: {reason}")
+        model, stages, fsdp_states = par.model, par.stages, par.fsdp_states
+        fsdp_state = next(iter(fsdp_states.values()), None)
         tp_group = groups["tp"] if plan.degrees["tp"] > 1 else None
         vocab_group = tp_group if tp_group is not None and cfg.parallel.loss_parallel else None
-        fsdp_states = {}
-        for s, stage in stages.items():
-            if tp_group is not None:
-                tensor_parallel.apply_tp(stage, tp_group, cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel,
-                                         cfg.parallel.async_tp)
-            # Context parallel: each rank holds 2 of the 2 cp chunks of every sequence;
-            # attention becomes ring (or all-gather) attention over the cp group.
-            if plan.degrees["cp"] > 1:
-                context_parallel.apply_cp(stage, groups["cp"], cfg.data.seq_len, cfg.parallel.cp_rotate)
-            apply_activation_checkpointing(stage, cfg.activation_checkpoint.mode,
-                                           cfg.activation_checkpoint.selective_option)
-            if cfg.compile:
-                apply_compile(stage)
-            # FSDP over dp_shard x cp (CP ranks hold the same weights), replicated over
-            # dp_replicate (HSDP): one unit per block plus the root (embeddings, norm, output).
-            # Mixed precision: fp32 shards, bf16 gather and compute, fp32 reduce-scatter.
-            if plan.degrees["dp_shard"] * plan.degrees["cp"] * plan.degrees["dp_replicate"] > 1:
-                fsdp_states[s] = fsdp.apply_fsdp(
-                    stage, list(stage.layers.values()), groups["dp_shard_cp"], groups["dp_replicate"],
-                    param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
-                    reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
-                )
-        fsdp_state = next(iter(fsdp_states.values()), None)
-        if pp > 1:
-            model = pipeline.Stages(stages)  # one module for init, optimizer, checkpoints
+        pp, v = plan.degrees["pp"], cfg.parallel.pp_stages_per_rank
 
         # 7. Materialize and initialize: the same global weights for every layout
         #    (each rank fills its shards from the global random streams). Master weights
@@ -1005,7 +1032,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if metrics_file is not None:
             metrics_file.close()
         stop.restore()
-        dist.destroy_process_group()
+        for group in set(groups.values()):
+            dist.destroy_process_group(group)
+        if owns_default_group:
+            dist.destroy_process_group()
     return history
 
 
