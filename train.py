@@ -801,10 +801,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.steps=20")
+    parser.add_argument("--dry-run", action="store_true", help="print what one rank of the layout holds, computes "
+                        "and sends per step (planner.py), without training or any real process group")
+    parser.add_argument("--world-size", type=int, help="with --dry-run: the number of ranks of the layout")
+    parser.add_argument("--rank", type=int, default=0, help="with --dry-run: the rank to describe (default 0)")
     cli = parser.parse_args(argv)
 
     # 1. Config, validated before any work.
     cfg = load_config(cli.config, cli.overrides)
+    if cli.dry_run:
+        import planner  # imports this file: only needed here
+
+        if cli.world_size is None or cli.world_size < 1:
+            raise ValueError("--dry-run needs --world-size N (N >= 1), the number of ranks of the layout to plan")
+        print(planner.format_report(planner.plan_rank(cfg, cli.world_size, cli.rank)), flush=True)
+        return []
+    if cli.world_size is not None:
+        raise ValueError("--world-size is for --dry-run; a training run takes its world size from torchrun")
     world_guess = int(os.environ.get("WORLD_SIZE", 1))
     plan = validate(cfg, world_guess)
     t = cfg.training

@@ -1,0 +1,615 @@
+"""Dry-run planner: what one rank of a layout holds, computes and sends per step, on paper.
+
+    python train.py --config configs/llama3_405b.yaml --dry-run --world-size 512 [--rank R]
+    python planner.py --config configs/llama3_8b.yaml --world-size 64      # the same
+
+What it does
+    Validates the config for the requested world size, starts a FAKE process group of
+    that size in this one process (torch's "fake" backend: new_group works, collectives
+    do nothing), builds the model on the meta device and applies train.parallelize, the
+    same chain a real run applies, for ONE rank. Then it reports, for that rank:
+      * memory: parameters, gradients and optimizer state, counted on the parallelized
+        meta model AND by formula from the global shapes (the two must agree);
+      * activations per micro-batch (with the configured activation checkpointing) and
+        the number of micro-batches the pipeline schedule keeps in flight;
+      * FLOPs per step (model FLOPs, and with the recomputation of checkpointing);
+      * bytes per step for every collective on every parallel dimension, found by
+        walking this rank's pipeline actions (or micro-steps) through what each technique
+        file issues per forward / backward / gather, with the formula of each;
+      * the pipeline bubble of the schedule (simulated, and the closed form).
+    No GPU, no memory, seconds on a laptop, even for 405B on 512 ranks.
+
+Conventions
+    Bytes of a collective are those of the tensor handed to it, as the technique files
+    count them in their `# comm:` comments: the INPUT of an all-gather (this rank's
+    shard), the whole INPUT of a reduce-scatter, the tensor of an all-reduce, what a rank
+    SENDS in point-to-point. What a ring algorithm puts on the wire per rank follows:
+        all-gather (n-1) x in,  reduce-scatter (n-1)/n x in,  all-reduce 2 (n-1)/n x in,
+        send: as handed.
+    tests/test_planner.py checks the handed-in bytes, call counts and memory against real
+    gloo runs of small layouts, and the activation estimate against measured peak growth.
+
+Activation formula (bytes kept from forward to backward, per micro-batch, one block;
+a = bytes of an activation, T tokens of the micro-batch on this rank (B x S / cp),
+n = T / tp under sequence parallel (else T), D dim, q = H hd / tp, k = Hkv hd / tp,
+f = F / tp, h = H / tp heads):
+    two RMSNorms          2 n (2 D a + 4)          input, normalized, rsqrt (float32)
+    linear inputs         2 T D a                  norm outputs (gathered under SP)
+    attention             T (2 q + 2 k) a + 4 T h  rotated q, k, v, output, LSE (float32)
+    wo input              T q a
+    SwiGLU                4 T f a                  w1 out, w3 out, silu, product (w2 input)
+    full AC keeps only the block input n D a; selective "k" does so on every k-th block;
+    selective "op" keeps the matmul and attention outputs: T (q + 2 k + q + q + 3 f) a
+    plus the block input. Embedding output n D a; head: final norm as above, output
+    input T D a, logits T V / tp a, and the loss's float32 softmax T V / tp 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+import float8
+import llama
+import pipeline
+import tensor_parallel
+import train
+
+GIB = 2 ** 30
+RING = {"all_gather": lambda n: n - 1, "reduce_scatter": lambda n: (n - 1) / n,
+        "all_reduce": lambda n: 2 * (n - 1) / n, "send": lambda n: 1}
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int, rank: int):
+    """A process group of `world_size` ranks that exists only in this process (torch's
+    fake backend): groups can be made, collectives return at once without doing anything."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("planner: a process group is already initialized in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------
+# 1. The communication inventory: each technique's collectives, per forward / backward
+
+
+@dataclass
+class Comm:
+    """Collectives per step on one group: calls and bytes handed in, per kind."""
+    calls: dict = field(default_factory=lambda: collections.Counter())
+    bytes: dict = field(default_factory=lambda: collections.Counter())
+    formulas: dict = field(default_factory=dict)
+
+    def add(self, group: str, kind: str, nbytes: int, formula: str, times: int = 1) -> None:
+        if times <= 0:
+            return
+        self.calls[group, kind] += times
+        self.bytes[group, kind] += times * int(nbytes)
+        self.formulas.setdefault((group, kind), []).append(formula)
+
+
+class Walker:
+    """Replays one step of this rank: its micro-steps and pipeline actions, adding what
+    every technique issues. Sizes come from the config and the parallelized (meta) model."""
+
+    def __init__(self, cfg: train.Config, plan: train.Plan, par: train.Parallelized, coords: dict):
+        self.cfg, self.plan, self.par, self.coords = cfg, plan, par, coords
+        d = plan.degrees
+        self.t, self.cp, self.pp, self.R = d["tp"], d["cp"], d["pp"], d["dp_replicate"]
+        self.W = d["dp_shard"] * d["cp"]
+        self.world = math.prod(d.values())
+        p, t = cfg.parallel, cfg.training
+        self.sp = self.t > 1 and p.sequence_parallel
+        self.async_tp = self.t > 1 and p.async_tp
+        self.loss_parallel = self.t > 1 and p.loss_parallel
+        self.m = (p.pp_microbatches or self.pp) if self.pp > 1 else 1
+        self.b = t.micro_batch_size // self.m  # sequences per (pipeline) micro-batch
+        self.S = cfg.data.seq_len // self.cp  # local sequence
+        self.args = plan.model_args
+        dtype = train.DTYPES[t.dtype]
+        fsdp_on = bool(par.fsdp_states)
+        self.master = 8 if dtype == torch.float64 else 4
+        bf16 = dtype == torch.bfloat16
+        self.a_mm = 2 if bf16 else self.master  # matmul outputs (autocast or bf16 FSDP gather)
+        self.a_res = 2 if bf16 and fsdp_on else self.master  # residual stream, norm outputs, embedding
+        self.a_acc = 8 if dtype == torch.float64 else 4  # float32 accumulators (ring dK/dV, loss softmax)
+        self.a_pp = 2 if bf16 and fsdp_on else self.master  # the hidden state between stages
+        self.fsdp_gather_bytes = 2 if bf16 else self.master
+        self.fsdp_reduce_bytes = 4 if bf16 else self.master
+        self.comm = Comm()
+
+    # -- per stage: forward and backward collectives of TP, CP, float8 ----------------
+
+    def _tp_entry(self, fwd: bool, tokens: int) -> None:
+        """Entering a column-parallel group (attention's wq/wk/wv, FFN's w1/w3, the output)."""
+        D, t = self.args.dim, self.t
+        if self.sp:
+            if fwd:
+                self.comm.add("tp", "all_gather", tokens // t * D * self.a_res, "GatherSeq: B S/t D a")
+            else:
+                self.comm.add("tp", "reduce_scatter", tokens * D * self.a_res, "GatherSeq backward: B S D a")
+        elif not fwd:
+            self.comm.add("tp", "all_reduce", tokens * D * self.a_res, "CopyToTP backward: B S D a")
+
+    def _tp_exit(self, fwd: bool, tokens: int) -> None:
+        """Leaving a row-parallel linear (wo, w2)."""
+        D, t = self.args.dim, self.t
+        if self.sp:
+            if fwd:
+                self.comm.add("tp", "reduce_scatter", tokens * D * self.a_mm, "ReduceScatterSeq: B S D a")
+            else:
+                self.comm.add("tp", "all_gather", tokens // t * D * self.a_mm, "ReduceScatterSeq backward: B S/t D a")
+        elif fwd:
+            self.comm.add("tp", "all_reduce", tokens * D * self.a_mm, "ReduceFromTP: B S D a")
+
+    def _async_ring(self, tokens: int, pairs: int) -> None:
+        """Async TP: each ring (one all-gather-matmul or matmul-reduce-scatter, forward or
+        backward) sends t-1 sequence blocks of (B, S/t, D) in the compute dtype."""
+        block = tokens // self.t * self.args.dim * self.a_mm
+        self.comm.add("tp", "send", block, "async TP ring: (t-1) x B S/t D a", times=pairs * (self.t - 1))
+
+    def _attention(self, fwd: bool, tokens: int) -> None:
+        if self.cp == 1:
+            return
+        kv = 2 * tokens * self.args.kv_heads // self.t * self.args.head_dim  # K and V elements, local heads
+        if self.cfg.parallel.cp_rotate == "ring":
+            self.comm.add("cp", "send", kv * self.a_mm, "ring: (cp-1) x 2 B Hkv/t S/cp hd a", times=self.cp - 1)
+            if not fwd:
+                self.comm.add("cp", "send", kv * self.a_acc, "ring backward: cp x dK/dV float32", times=self.cp)
+        elif fwd:
+            self.comm.add("cp", "all_gather", kv // 2 * self.a_mm, "all-gather K, V: B Hkv/t S/cp hd a", times=2)
+        else:
+            self.comm.add("cp", "reduce_scatter", self.cp * kv // 2 * self.a_mm,
+                          "reduce-scatter dK, dV: cp B Hkv/t S/cp hd a", times=2)
+
+    def _float8_amax(self, fwd: bool, linears: list) -> None:
+        """Tensorwise float8 under TP: the amax of x (and of w, unless FSDP gathered it in
+        float8) forward, of the output gradient backward, all-reduced (MAX) over tp."""
+        for linear in linears:
+            if linear.amax_group is None or linear.recipe != "tensorwise":
+                continue
+            pre = linear.fsdp_float8_all_gather and bool(self.par.fsdp_states)
+            n = (1 if pre else 2) if fwd else 1
+            self.comm.add("tp", "all_reduce", 4, "float8 amax (x, w / grad): one float32", times=n)
+
+    def _block(self, block, fwd: bool, tokens: int) -> None:
+        f8 = [m for m in block.modules() if isinstance(m, float8.Float8Linear)]
+        attn, ffn = [f for f in f8 if f in set(block.attention.modules())], \
+            [f for f in f8 if f in set(block.feed_forward.modules())]
+        order = [("attn", attn), ("ffn", ffn)] if fwd else [("ffn", ffn), ("attn", attn)]
+        for part, linears in order:
+            if self.t > 1:
+                if self.async_tp:
+                    self._async_ring(tokens, 2)  # entry ring + exit ring
+                else:
+                    self._tp_entry(fwd, tokens)
+                    self._tp_exit(fwd, tokens)
+                self._float8_amax(fwd, linears)
+            if part == "attn":
+                self._attention(fwd, tokens)
+
+    def _recomputed(self, block) -> bool:
+        ac = self.cfg.activation_checkpoint
+        if ac.mode == "full" or (ac.mode == "selective" and ac.selective_option == "op"):
+            return True
+        return ac.mode == "selective" and (block.layer_id + 1) % ac.selective_option == 0
+
+    def stage_comm(self, stage, fwd: bool) -> None:
+        tokens = self.b * self.S
+        D, V, t = self.args.dim, self.args.vocab_size, self.t
+        if fwd:
+            if stage.tok_embeddings is not None and t > 1:
+                kind = "reduce_scatter" if self.sp else "all_reduce"
+                self.comm.add("tp", kind, tokens * D * self.a_res, "vocab-parallel embedding: B S D a")
+            for block in stage.layers.values():
+                self._block(block, True, tokens)
+            if stage.output is not None and t > 1:
+                self._tp_entry(True, tokens)
+                if self.loss_parallel:
+                    self.comm.add("tp", "all_reduce", tokens * self.a_acc, "loss parallel max: N floats")
+                    self.comm.add("tp", "all_reduce", 2 * tokens * self.a_acc, "loss parallel sums: 2N floats")
+                else:
+                    self.comm.add("tp", "all_gather", tokens * V // t * self.a_mm, "logits gather: B S V/t a")
+            return
+        if stage.output is not None and t > 1:
+            self._tp_entry(False, tokens)
+        for block in reversed(list(stage.layers.values())):
+            if self._recomputed(block):
+                self._block(block, True, tokens)  # checkpointing re-runs the forward's collectives
+            self._block(block, False, tokens)
+        if stage.tok_embeddings is not None and self.sp:
+            self.comm.add("tp", "all_gather", tokens // t * D * self.a_res, "embedding backward: B S/t D a")
+
+    # -- FSDP: gathers, reduce-scatters, HSDP all-reduces -----------------------------
+
+    def _unit_bytes(self, unit) -> tuple[int, int]:
+        """(all-gather input bytes, padded shard elements) of an FSDP unit."""
+        gather, elems = 0, 0
+        for (owner, name), n in zip(unit.owners, unit.numels):
+            f8 = isinstance(owner, float8.Float8Linear) and owner.fsdp_float8_all_gather and name == "weight" \
+                and owner.recipe == "tensorwise"
+            gather += n * (1 if f8 else self.fsdp_gather_bytes)
+            elems += n
+        return gather, elems
+
+    def _gather(self, s: int, unit) -> None:
+        if unit.full_in_plan:
+            return
+        unit.full_in_plan = not unit.reshard_after_forward
+        if self.W > 1:
+            nbytes, _ = self._unit_bytes(unit)
+            self.comm.add("dp_shard_cp", "all_gather", nbytes, "FSDP all-gather: sum ceil(rows/W) cols x b_p")
+        for (owner, name) in unit.owners:  # float8 weights gathered in float8: scale over the groups
+            if isinstance(owner, float8.Float8Linear) and owner.fsdp_float8_all_gather and name == "weight" \
+                    and owner.recipe == "tensorwise":
+                if self.W > 1:
+                    self.comm.add("dp_shard_cp", "all_reduce", 4, "float8 weight amax: one float32")
+                if owner.amax_group is not None:
+                    self.comm.add("tp", "all_reduce", 4, "float8 weight amax: one float32")
+
+    def fsdp_forward(self, s: int) -> None:
+        state = self.par.fsdp_states.get(s)
+        if state is None:
+            return
+        for unit in state.units:  # the root first, then the blocks in forward order
+            self._gather(s, unit)
+            if unit.reshard_after_forward:
+                unit.full_in_plan = False
+
+    def fsdp_backward(self, s: int, sync: bool) -> None:
+        state = self.par.fsdp_states.get(s)
+        if state is None:
+            return
+        for unit in [state.units[0], *reversed(state.units[1:])]:
+            self._gather(s, unit)  # re-gathered for backward unless still unsharded
+            if sync:
+                _, elems = self._unit_bytes(unit)
+                if self.W > 1:
+                    self.comm.add("dp_shard_cp", "reduce_scatter", self.W * elems * self.fsdp_reduce_bytes,
+                                  "FSDP reduce-scatter: W sum ceil(rows/W) cols x b_r")
+                if self.R > 1:
+                    self.comm.add("dp_replicate", "all_reduce", elems * self.fsdp_reduce_bytes,
+                                  "HSDP all-reduce: sum ceil(rows/W) cols x b_r")
+        for unit in state.units:  # the end-of-backward callback reshards every unit
+            unit.full_in_plan = False
+
+    # -- the step ------------------------------------------------------------------------
+
+    def step(self) -> Comm:
+        cfg, p = self.cfg, self.cfg.parallel
+        for state in self.par.fsdp_states.values():
+            for unit in state.units:
+                unit.full_in_plan = False
+        stages = self.par.stages
+        act = self.b * self.S // (self.t if self.sp else 1) * self.args.dim * self.a_pp
+        accum = self.plan.grad_accum
+        for micro in range(accum):
+            last_micro = micro == accum - 1
+            if self.pp == 1:
+                sync = last_micro or not p.fsdp_reduce_per_step
+                self.fsdp_forward(0)
+                self.stage_comm(stages[0], True)
+                self.fsdp_backward(0, sync)
+                self.stage_comm(stages[0], False)
+                continue
+            v = p.pp_stages_per_rank
+            actions = pipeline.build_schedule(p.pp_schedule, self.pp, self.m, v)[self.coords["pp"]]
+            last_backward = {}
+            for a in actions:
+                if a.kind in ("B", "I"):
+                    last_backward[a.stage] = a.mb
+            for a in actions:
+                if a.kind == "F":
+                    self.fsdp_forward(a.stage)
+                    self.stage_comm(stages[a.stage], True)
+                elif a.kind in ("B", "I"):
+                    self.fsdp_backward(a.stage, last_micro and a.mb == last_backward[a.stage])
+                    self.stage_comm(stages[a.stage], False)
+                elif a.kind in ("SEND_F", "SEND_B"):
+                    what = "activations" if a.kind == "SEND_F" else "activation gradients"
+                    self.comm.add("pp", "send", act, f"{what}: B/m S/cp(/t) D a")
+        # Once per step: SP norm gradients, gradient clipping, the stop flag, the loss.
+        if self.sp:
+            n = sum(q.numel() for q in self.par.model.parameters() if getattr(q, "tp_partial_grad", False))
+            self.comm.add("tp", "all_reduce", n * self.master, "SP norm gradients: norm weights x master bytes")
+        if self.t > 1:
+            self.comm.add("tp", "all_reduce", 8, "grad-norm square: one float64")
+        if self.W > 1:
+            self.comm.add("dp_shard_cp", "all_reduce", 8, "grad-norm square: one float64")
+        if self.pp > 1:
+            self.comm.add("pp", "all_reduce", 8, "grad-norm square: one float64")
+            self.comm.add("pp", "all_reduce", 8, "step loss from the last stage: one float64")
+        if self.world > 1:
+            self.comm.add("world", "all_reduce", 4, "stop-signal flag: one float32")
+        return self.comm
+
+
+def logged_step_comm(plan: train.Plan, world: int) -> Comm:
+    """What a logged step adds: the loss reduced over the data ranks."""
+    comm = Comm()
+    d = plan.degrees
+    if d["dp_replicate"] * d["dp_shard"] * d["cp"] > 1:
+        comm.add("loss", "all_reduce", 8, "step loss: one float64")
+    return comm
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Memory
+
+
+def memory(cfg: train.Config, plan: train.Plan, par: train.Parallelized, coords: dict) -> dict:
+    """Parameters, gradients and optimizer state of this rank: counted on the parallelized
+    model, and by formula from the global shapes (pipeline split, TP split, FSDP rows)."""
+    d, t = plan.degrees, cfg.training
+    master = 8 if t.dtype == "float64" else 4
+    params = list(par.model.parameters())
+    counted = sum(p.numel() for p in params)
+
+    # The formula: every global parameter this rank's stages own, its TP-local shape,
+    # then ceil(rows / W) rows of it under FSDP.
+    W = d["dp_shard"] * d["cp"] if d["dp_shard"] * d["cp"] * d["dp_replicate"] > 1 else 1
+    n_stages = d["pp"] * cfg.parallel.pp_stages_per_rank
+    split = pipeline.split_layers(plan.model_args.n_layers, n_stages, cfg.parallel.pp_split_points) \
+        if d["pp"] > 1 else [list(range(plan.model_args.n_layers))]
+    mine = [s for s in range(len(split)) if pipeline.stage_rank(s, d["pp"]) == coords["pp"]]
+    layers = {str(i) for s in mine for i in split[s]}
+    first, last = 0 in mine, len(split) - 1 in mine
+    formula = 0
+    for name, p in llama.build_model(plan.model_args, "meta").named_parameters():
+        parts = name.split(".")
+        if parts[0] == "layers" and parts[1] not in layers or parts[0] == "tok_embeddings" and not first \
+                or parts[0] in ("norm", "output") and not last:
+            continue
+        owner = parts[-2]
+        shape = tensor_parallel.local_shape(owner, tuple(p.shape), d["tp"]) if d["tp"] > 1 else tuple(p.shape)
+        formula += math.ceil(shape[0] / W) * math.prod(shape[1:])
+    if formula != counted:
+        raise RuntimeError(f"planner: the formula gives {formula} parameters on this rank, the parallelized "
+                           f"model holds {counted}: the formula no longer describes the chain")
+    if t.optimizer == "adamw":
+        opt, opt_formula = 2 * counted * master + 4 * len(params), "2 P x 4 B (exp_avg, exp_avg_sq) + 4 B step per tensor"
+    else:
+        opt = counted * master if t.momentum > 0 else 0
+        opt_formula = "P x 4 B momentum" if t.momentum > 0 else "none (plain SGD)"
+    return {"elements": counted, "tensors": len(params), "params": counted * master, "grads": counted * master,
+            "optimizer": opt, "optimizer_formula": opt_formula, "W": W, "master": master}
+
+
+def activations(cfg: train.Config, plan: train.Plan, stage) -> dict:
+    """Bytes one micro-batch keeps from forward to backward on one stage (module
+    docstring), and the forward's peak: under checkpointing the block being run holds
+    its working set (the SwiGLU's four f-wide tensors, the norm output, h and one D-wide
+    temporary) on top of what the blocks before it kept."""
+    d, args = plan.degrees, plan.model_args
+    t, cp = d["tp"], d["cp"]
+    dtype, ac = cfg.training.dtype, cfg.activation_checkpoint
+    a = {"bfloat16": 2, "float32": 4, "float64": 8}[dtype]
+    a32 = 8 if dtype == "float64" else 4
+    m = (cfg.parallel.pp_microbatches or d["pp"]) if d["pp"] > 1 else 1
+    T = cfg.training.micro_batch_size // m * cfg.data.seq_len // cp
+    sp = t > 1 and cfg.parallel.sequence_parallel
+    n = T // t if sp else T
+    D, V = args.dim, args.vocab_size
+    q, k, f, h = (args.n_heads * args.head_dim // t, args.kv_heads * args.head_dim // t, args.ffn_dim // t,
+                  args.n_heads // t)
+    ring, gathered = cp > 1 and cfg.parallel.cp_rotate == "ring", cp > 1 and cfg.parallel.cp_rotate == "allgather"
+    norm = n * (2 * D * a + a32)  # input, normalized, rsqrt
+    attention = T * (2 * q + (2 * cp if gathered else 2) * k) * a + T * h * a32  # q, k, v (all of them), out, LSE
+    wo_input = T * q * a if ring else 0  # the ring's output is (B, H, S, hd): the reshape copies it
+    full_block = 2 * norm + 2 * T * D * a + attention + wo_input + 4 * T * f * a
+    op_block = n * D * a + T * (2 * q + 2 * k + 2 * D + 2 * f) * a + T * h * a32  # matmul + attention outputs
+    working = T * (4 * f + 2 * D) * a + n * D * a  # SwiGLU's 4 f-wide tensors, norm output, h, one temporary
+    # RoPE tables (float32, one row per local position) and, on the first stage, the ids.
+    kept, peak = cfg.data.seq_len // cp * args.head_dim * a32 + (T * 8 if stage.tok_embeddings is not None else 0), 0
+    for block in stage.layers.values():
+        if ac.mode == "full" or ac.mode == "selective" and ac.selective_option != "op" \
+                and (block.layer_id + 1) % ac.selective_option == 0:
+            peak = max(peak, kept + working)
+            kept += n * D * a
+        elif ac.mode == "selective" and ac.selective_option == "op":
+            kept += op_block
+        else:
+            kept += full_block
+    if stage.output is not None:
+        kept += norm + T * D * a + T * V // t * a + T * V // t * a32  # norm, output input, logits, softmax
+    return {"kept": kept, "peak": max(peak, kept), "full_block": full_block, "op_block": op_block,
+            "tokens": T, "working": working}
+
+
+# ---------------------------------------------------------------------------------------
+# 3. FLOPs and the pipeline bubble
+
+
+def flops(cfg: train.Config, plan: train.Plan) -> dict:
+    """Model FLOPs per step per rank (6 N + 12 L H hd S per token, llama.flops_per_token,
+    spread evenly over the ranks) and with checkpointing's recomputed forwards."""
+    args, world = plan.model_args, math.prod(plan.degrees.values())
+    fpt = llama.flops_per_token(args, cfg.data.seq_len)
+    per_rank = fpt * plan.global_tokens / world
+    ac = cfg.activation_checkpoint
+    if ac.mode == "full":
+        share = 1.0
+    elif ac.mode == "selective" and ac.selective_option != "op":
+        share = (args.n_layers // ac.selective_option) / args.n_layers
+    else:
+        share = 0.0  # op-level: only norms, RoPE and activations are recomputed
+    block = 6 * (llama.num_params(args) - 2 * args.vocab_size * args.dim - args.dim) \
+        + 12 * args.n_layers * args.n_heads * args.head_dim * cfg.data.seq_len  # the blocks' share of fpt
+    recompute = share * block / 3 * plan.global_tokens / world  # one more forward of those blocks
+    return {"per_token": fpt, "per_rank": per_rank, "recompute": recompute}
+
+
+def bubble(cfg: train.Config, plan: train.Plan, pp_rank: int) -> dict | None:
+    """The schedule's idle fraction (simulated with unit costs F 1, B 2 or I 1 + W 1)
+    and the textbook closed form."""
+    p = cfg.parallel
+    pp = plan.degrees["pp"]
+    if pp == 1:
+        return None
+    m, v = p.pp_microbatches or pp, p.pp_stages_per_rank
+    orders = pipeline.SCHEDULES[p.pp_schedule](pp, m, v)
+    sim = pipeline.simulate(orders, pp * v)
+    closed = {"gpipe": ("(p-1)/(m+p-1)", (pp - 1) / (m + pp - 1)),
+              "1f1b": ("(p-1)/(m+p-1)", (pp - 1) / (m + pp - 1)),
+              "interleaved_1f1b": ("(p-1)/(v m+p-1)", (pp - 1) / (v * m + pp - 1)),
+              "zero_bubble": ("ZB-H1: about (p-1)/3 of 1F1B's bubble, here simulated", None)}[p.pp_schedule]
+    return {"schedule": p.pp_schedule, "m": m, "v": v, "makespan": sim["makespan"],
+            "idle": sim["idle"][pp_rank], "fraction": sim["idle"][pp_rank] / sim["makespan"],
+            "formula": closed[0], "closed": closed[1], "in_flight": sim["peak_activations"][pp_rank], "pp": pp}
+
+
+# ---------------------------------------------------------------------------------------
+# 4. The report
+
+
+@dataclass
+class Report:
+    cfg: train.Config
+    plan: train.Plan
+    rank: int
+    coords: dict
+    memory: dict
+    activations: dict  # stage -> activations()
+    flops: dict
+    comm: Comm
+    logged: Comm
+    bubble: dict | None
+    float8_linears: int
+    build_s: float
+
+
+def plan_rank(cfg: train.Config, world_size: int, rank: int = 0) -> Report:
+    """Everything above for `rank` of a `world_size` layout, under a fake process group."""
+    plan = train.validate(cfg, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"--rank {rank} is not in [0, {world_size})")
+    started = time.perf_counter()
+    with fake_world(world_size, rank):
+        groups = train.build_groups(plan.degrees, rank)
+        coords = train.rank_coords(plan.degrees, rank)
+        par = train.parallelize(cfg, plan, groups, coords, "meta")
+        build_s = time.perf_counter() - started
+        comm = Walker(cfg, plan, par, coords).step()
+        mem = memory(cfg, plan, par, coords)
+        acts = {s: activations(cfg, plan, stage) for s, stage in par.stages.items()}
+        n_f8 = sum(isinstance(m, float8.Float8Linear) for m in par.model.modules())
+    return Report(cfg, plan, rank, coords, mem, acts, flops(cfg, plan), comm, logged_step_comm(plan, world_size),
+                  bubble(cfg, plan, coords["pp"]), n_f8, build_s)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:10.3f} GiB"
+
+
+DIM_NAMES = {"dp_shard_cp": "FSDP (dp_shard x cp)", "dp_replicate": "HSDP replicas (dp_replicate)",
+             "tp": "tensor parallel (tp)", "cp": "context parallel (cp)", "pp": "pipeline (pp)",
+             "world": "all ranks", "loss": "data ranks (loss)"}
+
+
+def format_report(r: Report) -> str:
+    cfg, plan, d = r.cfg, r.plan, r.plan.degrees
+    world = math.prod(d.values())
+    out = [f"nanotitan dry run: {cfg.model.name} ({llama.num_params(plan.model_args) / 1e9:.2f}B parameters) on "
+           f"{world} ranks, layout {plan.layout}",
+           f"rank {r.rank}: " + ", ".join(f"{k} {v}" for k, v in r.coords.items()) +
+           f" | parallelized on meta under a fake process group in {r.build_s:.1f} s"
+           f" | {len(r.activations)} stage(s) {sorted(r.activations)}, {r.float8_linears} float8 linears",
+           f"batch: {cfg.training.batch_size} sequences x {cfg.data.seq_len} tokens = {plan.global_tokens:,} "
+           f"tokens/step; {plan.grad_accum} micro-step(s) of {cfg.training.micro_batch_size} sequences per data rank"
+           + (f", each cut into {r.bubble['m']} pipeline micro-batches" if r.bubble else ""),
+           ""]
+    m = r.memory
+    out += ["memory per rank (P = parameter elements on this rank, W = FSDP shard ranks = dp_shard x cp = "
+            f"{m['W']})",
+            f"  parameters  {_gib(m['params'])}   P x {m['master']} B, P = sum over this rank's stages of "
+            f"ceil(rows_tp / W) x cols = {m['elements']:,}",
+            f"  gradients   {_gib(m['grads'])}   P x {m['master']} B",
+            f"  optimizer   {_gib(m['optimizer'])}   {m['optimizer_formula']}",
+            f"  total       {_gib(m['params'] + m['grads'] + m['optimizer'])}", ""]
+    ac = cfg.activation_checkpoint
+    mode = ac.mode + (f" ({ac.selective_option})" if ac.mode == "selective" else "")
+    out.append(f"activations per micro-batch ({mode} checkpointing, {cfg.training.dtype}; formula in planner.py's "
+               f"docstring)")
+    total = 0
+    for s, a in r.activations.items():
+        in_flight = r.bubble["in_flight"] if r.bubble else 1
+        out.append(f"  stage {s}: kept {_gib(a['kept'])}, forward peak {_gib(a['peak'])} for T = {a['tokens']:,} "
+                   f"tokens (B/m x S/cp); one un-checkpointed block keeps {_gib(a['full_block'])}")
+        total += a["kept"]
+    if r.bubble:
+        per_stage = r.bubble["in_flight"] / r.bubble["v"]
+        out.append(f"  the schedule keeps up to {r.bubble['in_flight']} (stage, micro-batch) forwards in flight on "
+                   f"this rank: about {_gib(per_stage * total)} of activations at its peak")
+    out.append("")
+    f = r.flops
+    out += ["FLOPs per step per rank",
+            f"  model       {f['per_rank'] / 1e12:12.1f} TFLOP   (6 N_matmul + 12 L H hd S) = "
+            f"{f['per_token'] / 1e9:.2f} GFLOP/token x {plan.global_tokens:,} tokens / {world} ranks",
+            f"  recompute   {f['recompute'] / 1e12:12.1f} TFLOP   one more forward of the checkpointed blocks "
+            f"(hardware FLOPs = model + recompute)", ""]
+    out.append("bytes per step per parallel dimension (handed to each collective; per-rank wire bytes of a ring: "
+               "AG (n-1) x, RS (n-1)/n x, AR 2 (n-1)/n x)")
+    sizes = {"dp_shard_cp": d["dp_shard"] * d["cp"], "dp_replicate": d["dp_replicate"], "tp": d["tp"],
+             "cp": d["cp"], "pp": d["pp"], "world": world, "loss": d["dp_replicate"] * d["dp_shard"] * d["cp"]}
+    for group in DIM_NAMES:
+        keys = sorted(k for k in r.comm.bytes if k[0] == group)
+        if not keys:
+            continue
+        n = sizes[group]
+        wire = sum(r.comm.bytes[k] * RING[k[1]](n) for k in keys)
+        out.append(f"  {DIM_NAMES[group]}, {n} ranks: {_gib(wire)} on the wire per rank")
+        for k in keys:
+            formulas = collections.Counter(r.comm.formulas[k])
+            why = "; ".join(f"{c} x {fm}" if c > 1 else fm for fm, c in formulas.items())
+            out.append(f"      {k[1]:15s} {r.comm.calls[k]:6d} calls {_gib(r.comm.bytes[k])} handed in   {why}")
+    if not r.comm.bytes:
+        out.append("  none (one rank)")
+    out.append("  (a logged step adds one float64 all-reduce of the loss over the data ranks; evaluation is not "
+               "counted)")
+    out.append("")
+    b = r.bubble
+    if b:
+        closed = f" (closed form {b['formula']} = {b['closed']:.1%})" if b["closed"] is not None else \
+            f" ({b['formula']})"
+        out += [f"pipeline bubble: {b['schedule']}, p = {b['pp']}, m = {b['m']}, v = {b['v']}: this rank idles "
+                f"{b['idle']} of {b['makespan']} time units = {b['fraction']:.1%}{closed}"]
+    else:
+        out.append("pipeline bubble: none (pp = 1)")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> Report:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--world-size", type=int, required=True, help="number of ranks of the layout")
+    parser.add_argument("--rank", type=int, default=0, help="which rank to describe (default 0)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=4")
+    cli = parser.parse_args(argv)
+    if cli.world_size < 1:
+        raise ValueError(f"--world-size {cli.world_size} must be >= 1")
+    cfg = train.load_config(cli.config, cli.overrides)
+    report = plan_rank(cfg, cli.world_size, cli.rank)
+    print(format_report(report), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, NotImplementedError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
