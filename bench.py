@@ -8,6 +8,8 @@
     python bench.py cp         # context parallel: longest sequence in a per-rank memory budget at cp = 1, 2, 4;
                                # step time ring vs all-gather vs no CP; PyTorch's context_parallel
     python bench.py pp         # ours vs torch.distributed.pipelining schedules: step time, measured bubble
+    python bench.py all        # all of the above, one after another: one summary table -> bench_all.md
+                               # (--only NAME ... a subset; --quick smoke-test sizes, never figures)
 
 Protocol (DESIGN.md): compare like with like on the same machine in the same run,
 interleave repetitions, report the median and the min; on CPU, MFU is against this
@@ -18,6 +20,7 @@ comparisons against PyTorch's own implementations here.
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import itertools
 import math
@@ -25,8 +28,11 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import time
+import traceback
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -55,6 +61,25 @@ def machine() -> str:
     return f"{name} ({isa}), {torch.get_num_threads()} thread(s)"
 
 
+# The summary table of `bench.py all`: every bench_* prints its detailed tables and
+# returns its headline figures as rows of these columns (text, computed from what it
+# measured). ours / peer: the two measured sides; result: their ratio or the figure.
+SUMMARY_COLUMNS = ("technique", "comparison", "ours", "peer", "result", "check")
+
+
+def _row(technique: str, comparison: str, ours: str, peer: str, result: str, check: str = "") -> dict[str, str]:
+    return dict(zip(SUMMARY_COLUMNS, (technique, comparison, ours, peer, result, check)))
+
+
+def _ratio(a: list[float], b: list[float]) -> str:
+    """'0.94x (0.87x)': a / b of the medians (of the mins)."""
+    return f"{statistics.median(a) / statistics.median(b):.2f}x ({min(a) / min(b):.2f}x)"
+
+
+def _ms(ts: list[float]) -> str:
+    return f"{statistics.median(ts) * 1e3:.0f} ms ({min(ts) * 1e3:.0f})"
+
+
 def _train_setup(args: llama.ModelArgs, dtype: torch.dtype, seed: int = 0):
     model = llama.build_model(args, "cpu")
     llama.init_weights(model, args, seed)
@@ -76,7 +101,7 @@ def _step(model, optimizer, tokens, autocast) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def bench_mfu(steps: int, warmup: int, dtypes: list[str]) -> None:
+def bench_mfu(steps: int, warmup: int, dtypes: list[str], models: list[str] = ("debug", "wide")) -> list[dict]:
     """Train the debug model and a wider one on random tokens as train.py does (fp32
     master weights, AdamW; bfloat16 = autocast); report tokens/s, MFU against the
     measured GEMM peak of the same dtype, and the share of step time in matmuls, in
@@ -87,6 +112,8 @@ def bench_mfu(steps: int, warmup: int, dtypes: list[str]) -> None:
         "wide (dim 1024, 4 layers)": (llama.model_args("debug", dim=1024, n_heads=16, n_kv_heads=4,
                                                           multiple_of=256), 4, 256),
     }
+    shapes = {label: shape for label, shape in shapes.items() if label.split()[0] in models}
+    rows = []
     peaks = {name: train.measure_gemm_peak(train.DTYPES[name], reps=10) for name in dtypes}
     print(f"\nMFU, single process, {machine()}, torch {torch.__version__}")
     print("peak = measured 1024^3 GEMM: " + ", ".join(f"{n} {p / 1e9:.0f} GFLOP/s" for n, p in peaks.items()))
@@ -117,6 +144,12 @@ def bench_mfu(steps: int, warmup: int, dtypes: list[str]) -> None:
         n = sum(p.numel() for p in model.parameters())
         print(f"| {label} | {name} | {n / 1e6:.1f}M | {batch} x {seq} | {median * 1e3:.0f} ms ({min(times) * 1e3:.0f}) "
               f"| {tps:,.0f} | {100 * mfu:.1f}% | {100 * mm:.0f}% | {100 * attn:.0f}% | {100 * (1 - mm - attn):.0f}% |")
+        rows.append(_row("MFU", f"{label}, {name}, {batch} x {seq} tokens, 1 process: model FLOP/s vs the "
+                                f"measured {name} GEMM peak", f"{median * 1e3:.0f} ms ({min(times) * 1e3:.0f}) "
+                                f"per step, {tps:,.0f} tokens/s", f"{peak / 1e9:.0f} GFLOP/s (1024^3 GEMM)",
+                         f"MFU {100 * mfu:.1f}%", f"step: matmul {100 * mm:.0f}%, attention {100 * attn:.0f}%, "
+                                                  f"other {100 * (1 - mm - attn):.0f}%"))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,78 +342,68 @@ def _fsdp_state_bytes(model, optimizer) -> int:
     return 2 * sum(params.values()) + sum(state.values())
 
 
-def _fsdp_rank(rank: int, world: int, port: int, cfg: dict, queue) -> None:
+def _fsdp_rank(rank: int, world: int, cfg: dict) -> dict:
     """One rank: build both, check equal losses, time interleaved rounds, then measure
     memory and communication of one step each; rank 0 optionally profiles."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        counter = _CommCounter()
-        counter.install()  # before the models are built
-        args = llama.model_args("debug", dim=cfg["dim"], n_layers=cfg["layers"])
-        full = llama.build_model(args, "cpu")
-        llama.init_weights(full, args, seed=0)
-        state = full.state_dict()
-        del full
-        impls = {name: _fsdp_setup(name, args, state, world) for name in ("ours", "fully_shard")}
-        del state
-        gen = torch.Generator().manual_seed(1000 + rank)  # this rank's data, the same for both
-        micro = [torch.randint(0, args.vocab_size, (cfg["batch"], cfg["seq"] + 1), generator=gen)
-                 for _ in range(cfg["micro"])]
-        global_tokens = world * cfg["micro"] * cfg["batch"] * cfg["seq"]
-        result = {"losses": {}, "norms": {}, "times": {}, "mem": {}, "state": {}, "comm": {}, "c10d": {}}
+    counter = _CommCounter()
+    counter.install()  # before the models are built
+    args = llama.model_args("debug", dim=cfg["dim"], n_layers=cfg["layers"])
+    full = llama.build_model(args, "cpu")
+    llama.init_weights(full, args, seed=0)
+    state = full.state_dict()
+    del full
+    impls = {name: _fsdp_setup(name, args, state, world) for name in ("ours", "fully_shard")}
+    del state
+    gen = torch.Generator().manual_seed(1000 + rank)  # this rank's data, the same for both
+    micro = [torch.randint(0, args.vocab_size, (cfg["batch"], cfg["seq"] + 1), generator=gen)
+             for _ in range(cfg["micro"])]
+    global_tokens = world * cfg["micro"] * cfg["batch"] * cfg["seq"]
+    result = {"losses": {}, "norms": {}, "times": {}, "mem": {}, "state": {}, "comm": {}, "c10d": {}}
 
-        # Equal work: the first steps from the same weights on the same data.
+    # Equal work: the first steps from the same weights on the same data.
+    for name, (model, opt) in impls.items():
+        steps = [_fsdp_step(model, opt, micro, global_tokens) for _ in range(max(3, cfg["warmup"]))]
+        result["losses"][name] = [s[0] for s in steps[:3]]
+        result["norms"][name] = [s[1] for s in steps[:3]]
+
+    # Interleaved rounds: ours, theirs, ours, theirs, ...
+    for name in impls:
+        result["times"][name] = []
+    for _ in range(cfg["rounds"]):
         for name, (model, opt) in impls.items():
-            steps = [_fsdp_step(model, opt, micro, global_tokens) for _ in range(max(3, cfg["warmup"]))]
-            result["losses"][name] = [s[0] for s in steps[:3]]
-            result["norms"][name] = [s[1] for s in steps[:3]]
-
-        # Interleaved rounds: ours, theirs, ours, theirs, ...
-        for name in impls:
-            result["times"][name] = []
-        for _ in range(cfg["rounds"]):
-            for name, (model, opt) in impls.items():
-                dist.barrier()
-                for _ in range(cfg["steps"]):
-                    start = time.perf_counter()
-                    _fsdp_step(model, opt, micro, global_tokens)
-                    result["times"][name].append(time.perf_counter() - start)
-
-        # Memory (live tensor bytes) and communication of one step each.
-        for name, (model, opt) in impls.items():
-            seed = [p for p in model.parameters()]
-            seed += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
             dist.barrier()
-            counter.reset()
-            with _LiveBytes(seed) as tally:
+            for _ in range(cfg["steps"]):
+                start = time.perf_counter()
                 _fsdp_step(model, opt, micro, global_tokens)
-            result["comm"][name] = (dict(counter.calls), dict(counter.bytes))
-            result["mem"][name] = tally.peak
-            result["c10d"][name] = dict(tally.c10d_ops)
-            result["state"][name] = _fsdp_state_bytes(model, opt)
+                result["times"][name].append(time.perf_counter() - start)
 
-        if cfg["profile"]:
-            result["profile"] = {}
-            for name, (model, opt) in impls.items():
-                dist.barrier()
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                    start = time.perf_counter()
-                    for _ in range(2):
-                        _fsdp_step(model, opt, micro, global_tokens)
-                    wall = (time.perf_counter() - start) / 2
-                events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-                result["profile"][name] = (wall, [(e.key, e.self_cpu_time_total / 2e6, e.count // 2)
-                                                  for e in events[:cfg["profile"]]],
-                                           sum(e.self_cpu_time_total for e in events) / 2e6)
-        queue.put((rank, result))
-    except BaseException:
-        import traceback
-        queue.put((rank, {"error": traceback.format_exc()}))
-        raise
-    finally:
-        dist.destroy_process_group()
+    # Memory (live tensor bytes) and communication of one step each.
+    for name, (model, opt) in impls.items():
+        seed = [p for p in model.parameters()]
+        seed += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        dist.barrier()
+        counter.reset()
+        with _LiveBytes(seed) as tally:
+            _fsdp_step(model, opt, micro, global_tokens)
+        result["comm"][name] = (dict(counter.calls), dict(counter.bytes))
+        result["mem"][name] = tally.peak
+        result["c10d"][name] = dict(tally.c10d_ops)
+        result["state"][name] = _fsdp_state_bytes(model, opt)
+
+    if cfg["profile"]:
+        result["profile"] = {}
+        for name, (model, opt) in impls.items():
+            dist.barrier()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                for _ in range(2):
+                    _fsdp_step(model, opt, micro, global_tokens)
+                wall = (time.perf_counter() - start) / 2
+            events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+            result["profile"][name] = (wall, [(e.key, e.self_cpu_time_total / 2e6, e.count // 2)
+                                              for e in events[:cfg["profile"]]],
+                                       sum(e.self_cpu_time_total for e in events) / 2e6)
+    return result
 
 
 def _free_port() -> int:
@@ -389,9 +412,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(target, world: int, cfg: dict) -> list[dict]:
-    """Spawn `world` fresh processes running target(rank, world, port, cfg, queue) (1
-    thread each, gloo) and collect their results."""
+def _rank_entry(rank: int, body: Callable[[int, int, dict], dict], world: int, port: int, cfg: dict, queue,
+                timeout_s: float | None) -> None:
+    """A spawned rank: join the gloo group with 1 compute thread, put body(rank, world,
+    cfg)'s result (or this rank's traceback) on the queue, leave the group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", rank=rank, world_size=world, **timeout)
+    try:
+        queue.put((rank, body(rank, world, cfg)))
+    except BaseException:
+        queue.put((rank, {"error": traceback.format_exc()}))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(body: Callable[[int, int, dict], dict], world: int, cfg: dict,
+               timeout_s: float | None = None) -> list[dict]:
+    """Spawn `world` fresh processes, each a gloo rank (1 thread; collectives time out
+    after timeout_s, None = gloo's default) running body(rank, world, cfg) -> dict, a
+    module-level function; return their results, rank order."""
     import torch.multiprocessing as tmp
     ctx = tmp.get_context("spawn")
     queue = ctx.SimpleQueue()
@@ -399,8 +441,8 @@ def _run_ranks(target, world: int, cfg: dict) -> list[dict]:
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # read by the children at import
     results = {}
     try:
-        procs = tmp.start_processes(target, args=(world, _free_port(), cfg, queue), nprocs=world,
-                                    join=False, start_method="spawn")
+        procs = tmp.start_processes(_rank_entry, args=(body, world, _free_port(), cfg, queue, timeout_s),
+                                    nprocs=world, join=False, start_method="spawn")
         done = False
         while not done:  # drain the queue while waiting, so no child blocks on a full pipe
             done = procs.join(timeout=0.5)  # raises if a rank failed (and ends the others)
@@ -424,7 +466,7 @@ def _mib(n: float) -> str:
 
 
 def bench_fsdp(ranks: list[int], steps: int, warmup: int, rounds: int, dim: int, layers: int, batch: int,
-               seq: int, micro: int, profile: int) -> None:
+               seq: int, micro: int, profile: int) -> list[dict]:
     """Ours (fsdp.py) against PyTorch's FSDP2 on the same Llama, the same weights and
     per-rank data, float32 weights and compute (this CPU has no native bf16), AdamW and
     gradient clipping, SUM gradient reductions for both, gloo, 1 thread per rank.
@@ -441,6 +483,7 @@ def bench_fsdp(ranks: list[int], steps: int, warmup: int, rounds: int, dim: int,
           f"reductions (bf16 matmuls are emulated on this CPU); AdamW, clip 1.0; gloo, 1 thread per rank; "
           f"{rounds} interleaved rounds x {steps} steps after {max(3, warmup)} warmup steps; "
           f"step time = slowest rank")
+    rows = []
     for W in ranks:
         cfg = dict(dim=dim, layers=layers, batch=batch, seq=seq, micro=micro, steps=steps,
                    warmup=warmup, rounds=rounds, profile=profile)
@@ -468,6 +511,7 @@ def bench_fsdp(ranks: list[int], steps: int, warmup: int, rounds: int, dim: int,
         print("\n| impl | step median (min) | ratio ours/theirs: median (min) | peak live tensors (ratio) "
               "| shards+grads+AdamW | comm handed in: AG / RS / AR (calls) | ring-sent (formula) |")
         print("|---|---|---|---|---|---|---|")
+        sent_by, calls_by = {}, {}
         for n in names:
             calls, nbytes = res[0]["comm"][n]
             ag = sum(v for k, v in nbytes.items() if k.startswith("all_gather"))
@@ -477,6 +521,7 @@ def bench_fsdp(ranks: list[int], steps: int, warmup: int, rounds: int, dim: int,
             sent = ag * (W - 1) + rs * (W - 1) / W + ar * 2 * (W - 1) / W
             ncalls = "/".join(str(sum(v for k, v in calls.items() if k.startswith(p)))
                               for p in ("all_gather", "reduce_scatter", "all_reduce"))
+            sent_by[n], calls_by[n] = sent, ncalls
             ratio = f"{med[n] / med['fully_shard']:.2f} ({min(times[n]) / min(times['fully_shard']):.2f})"
             print(f"| {n} | {med[n] * 1e3:.0f} ms ({min(times[n]) * 1e3:.0f}) | {ratio} "
                   f"| {_mib(mem[n])} ({mem[n] / mem['fully_shard']:.2f}) | {_mib(state[n])} "
@@ -484,12 +529,28 @@ def bench_fsdp(ranks: list[int], steps: int, warmup: int, rounds: int, dim: int,
                   f"| {_mib(sent)} ({_mib(ag_sent + rs_sent)}) |")
         print("c10d ops seen by the dispatcher in that step (rank 0): "
               + "; ".join(f"{n}: {res[0]['c10d'][n]}" for n in names))
+        formula = ag_sent + rs_sent
+        where = f"{W} ranks{' (oversubscribed)' if W > os.cpu_count() else ''}"
+        rows += [
+            _row("FSDP", f"ours vs FSDP2 (fully_shard), {where}: step time", _ms(times["ours"]),
+                 _ms(times["fully_shard"]), _ratio(times["ours"], times["fully_shard"]) + " of FSDP2's time",
+                 f"first 3 steps: loss max rel. diff {rel:.1e}, grad norm {rel_norm:.1e}"),
+            _row("FSDP", f"{where}: bytes a ring sends per rank and step vs the fsdp.py formula "
+                         f"({_mib(formula)})", _mib(sent_by["ours"]), _mib(sent_by["fully_shard"]),
+                 f"ours {sent_by['ours'] / formula:.3f}x, FSDP2 {sent_by['fully_shard'] / formula:.3f}x the formula",
+                 f"AG/RS/AR calls: ours {calls_by['ours']}, FSDP2 {calls_by['fully_shard']}"),
+            _row("FSDP", f"{where}: peak live tensor bytes per rank in a step", _mib(mem["ours"]),
+                 _mib(mem["fully_shard"]), f"{mem['ours'] / mem['fully_shard']:.2f}x of FSDP2's",
+                 f"shards+grads+AdamW {_mib(state['ours'])} = {state['ours'] / (16 * psi):.3f} x unsharded "
+                 f"16 Psi {_mib(16 * psi)} (1/W = {1 / W:.3f})"),
+        ]
         if profile:
             for n in names:
                 wall, top, total = res[0]["profile"][n]
                 print(f"\nprofile rank 0, {n}: step {wall * 1e3:.0f} ms, op self time {total * 1e3:.0f} ms; top ops "
                       f"(self ms per step, calls):")
                 print("; ".join(f"{k} {t * 1e3:.1f} ({c})" for k, t, c in top))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -752,55 +813,45 @@ def _tp_ops(cfg: dict, result: dict) -> None:
         result["progress"] = (blk.numel() * 4, alone, time.perf_counter() - start)
 
 
-def _tp_rank(rank: int, world: int, port: int, cfg: dict, queue) -> None:
+def _tp_rank(rank: int, world: int, cfg: dict) -> dict:
     """One rank: the three models from the same weights; equal losses first; interleaved
     timed steps; the communication of one step each (two counters); then the ring ops."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = {"losses": {}, "norms": {}, "times": {}, "fwd_bwd": {}, "comm": {}, "dispatch": {}}
-        if cfg["model"]:
-            counter = _CommCounter()
-            counter.install(TP_COLLECTIVES)
-            args = _tp_args(cfg)
-            full = llama.build_model(args, "cpu")
-            llama.init_weights(full, args, seed=0)
-            state = full.state_dict()
-            del full
-            impls = {name: _tp_setup(name, args, state, world) for name in TP_IMPLS}
-            del state
-            # The same tokens on every TP rank (TP ranks share the batch).
-            tokens = torch.randint(0, args.vocab_size, (cfg["batch"], cfg["seq"] + 1),
-                                   generator=torch.Generator().manual_seed(1000))
-            for name, (model, opt, params) in impls.items():
-                steps = [_tp_step(name, model, opt, params, tokens) for _ in range(max(3, cfg["warmup"]))]
-                result["losses"][name] = [s[0] for s in steps[:3]]
-                result["norms"][name] = [s[1] for s in steps[:3]]
-            for name in impls:
-                result["times"][name], result["fwd_bwd"][name] = [], []
-            for _ in range(cfg["reps"]):  # interleaved: ours sync, DTensor, ours async, ...
-                for name, (model, opt, params) in impls.items():
-                    dist.barrier()
-                    _, _, fb, step = _tp_step(name, model, opt, params, tokens)
-                    result["times"][name].append(step)
-                    result["fwd_bwd"][name].append(fb)
+    result = {"losses": {}, "norms": {}, "times": {}, "fwd_bwd": {}, "comm": {}, "dispatch": {}}
+    if cfg["model"]:
+        counter = _CommCounter()
+        counter.install(TP_COLLECTIVES)
+        args = _tp_args(cfg)
+        full = llama.build_model(args, "cpu")
+        llama.init_weights(full, args, seed=0)
+        state = full.state_dict()
+        del full
+        impls = {name: _tp_setup(name, args, state, world) for name in TP_IMPLS}
+        del state
+        # The same tokens on every TP rank (TP ranks share the batch).
+        tokens = torch.randint(0, args.vocab_size, (cfg["batch"], cfg["seq"] + 1),
+                               generator=torch.Generator().manual_seed(1000))
+        for name, (model, opt, params) in impls.items():
+            steps = [_tp_step(name, model, opt, params, tokens) for _ in range(max(3, cfg["warmup"]))]
+            result["losses"][name] = [s[0] for s in steps[:3]]
+            result["norms"][name] = [s[1] for s in steps[:3]]
+        for name in impls:
+            result["times"][name], result["fwd_bwd"][name] = [], []
+        for _ in range(cfg["reps"]):  # interleaved: ours sync, DTensor, ours async, ...
             for name, (model, opt, params) in impls.items():
                 dist.barrier()
-                counter.reset()
-                with _DispatchComm() as seen:
-                    _tp_step(name, model, opt, params, tokens)
-                result["comm"][name] = (dict(counter.calls), dict(counter.bytes))
-                result["dispatch"][name] = (dict(seen.calls), dict(seen.bytes))
-            del impls
-        _tp_ops(cfg, result)
-        queue.put((rank, result))
-    except BaseException:
-        import traceback
-        queue.put((rank, {"error": traceback.format_exc()}))
-        raise
-    finally:
-        dist.destroy_process_group()
+                _, _, fb, step = _tp_step(name, model, opt, params, tokens)
+                result["times"][name].append(step)
+                result["fwd_bwd"][name].append(fb)
+        for name, (model, opt, params) in impls.items():
+            dist.barrier()
+            counter.reset()
+            with _DispatchComm() as seen:
+                _tp_step(name, model, opt, params, tokens)
+            result["comm"][name] = (dict(counter.calls), dict(counter.bytes))
+            result["dispatch"][name] = (dict(seen.calls), dict(seen.bytes))
+        del impls
+    _tp_ops(cfg, result)
+    return result
 
 
 def _tp_formula(args: llama.ModelArgs, W: int, batch: int, seq: int) -> tuple[float, str]:
@@ -821,12 +872,8 @@ def _tp_formula(args: llama.ModelArgs, W: int, batch: int, seq: int) -> tuple[fl
     return acts + loss + norms + clip, text
 
 
-def _ms(ts: list[float]) -> str:
-    return f"{statistics.median(ts) * 1e3:.0f} ms ({min(ts) * 1e3:.0f})"
-
-
 def bench_tp(ranks: list[int], reps: int, warmup: int, dim: int, layers: int, batch: int, seq: int,
-             op_reps: int, op_shapes: bool) -> None:
+             op_reps: int, op_shapes: bool) -> list[dict]:
     """Ours (tensor_parallel.py, sync and async TP) against PyTorch's DTensor TP
     (parallelize_module with TorchTitan's Llama plan) on the same Llama, weights and
     tokens; sequence parallel and loss parallel for all; float32; AdamW and clipping at
@@ -850,6 +897,7 @@ def bench_tp(ranks: list[int], reps: int, warmup: int, dim: int, layers: int, ba
         ops += [("comm-heavy (§3.3)", 4096, 4096, 256, op_reps), ("compute-bound (§3.3)", 4096, 1024, 1024, op_reps)]
     start_all = time.perf_counter()
     op_res = None
+    rows = []
     for W in ranks:
         cfg = dict(dim=dim, layers=layers, batch=batch, seq=seq, reps=reps, warmup=warmup, model=True,
                    ops=ops if W == 2 else [], op_reps=op_reps, op_warmup=1)
@@ -892,6 +940,23 @@ def bench_tp(ranks: list[int], reps: int, warmup: int, dim: int, layers: int, ba
                   f"({_mib(sent_formula)}) |")
         print("dispatcher ops (rank 0): " + "; ".join(
             f"{n}: " + ", ".join(f"{k} {v}" for k, v in sorted(res[0]["dispatch"][n][0].items())) for n in TP_IMPLS))
+        where = f"{W} ranks{' (oversubscribed)' if W > os.cpu_count() else ''}"
+        sent = {n: _ring_sent(res[0]["dispatch"][n][1], W) for n in TP_IMPLS}
+        n_ar = {n: sum(v for k, v in res[0]["dispatch"][n][0].items() if "all_reduce" in k or "allreduce" in k)
+                for n in TP_IMPLS}
+        rows += [
+            _row("TP", f"ours (sync) vs DTensor TP, {where}: step time", _ms(times[ref]), _ms(times["DTensor"]),
+                 _ratio(times[ref], times["DTensor"]) + " of DTensor's time",
+                 f"first 3 steps: loss max rel. diff {rel['DTensor']:.1e}, grad norm {rel_norm['DTensor']:.1e}"),
+            _row("TP", f"{where}: bytes a ring sends per rank and step vs the tensor_parallel.py formula "
+                       f"({_mib(sent_formula)})", _mib(sent[ref]), _mib(sent["DTensor"]),
+                 f"ours {sent[ref] / sent_formula:.3f}x, DTensor {sent['DTensor'] / sent_formula:.3f}x the formula",
+                 f"all-reduces per step: ours {n_ar[ref]}, DTensor {n_ar['DTensor']}"),
+            _row("async TP", f"ours async vs ours sync TP, {where}: whole-model step time", _ms(times["ours async"]),
+                 _ms(times[ref]), _ratio(times["ours async"], times[ref]) + " of sync's time",
+                 f"first 3 steps: loss max rel. diff {rel['ours async']:.1e}, grad norm "
+                 f"{rel_norm['ours async']:.1e}; bytes {sent['ours async'] / sent_formula:.3f}x the formula"),
+        ]
 
     if op_res is not None and ops:
         print(f"\nAsync TP ring ops vs synchronous, 2 ranks, forward + backward of one op, float32, batch 1; "
@@ -905,6 +970,7 @@ def bench_tp(ranks: list[int], reps: int, warmup: int, dim: int, layers: int, ba
               "| hidden: async | async / sync: median (min) | max rel diff async vs sync |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for label, S, D, N, reps in ops:
+            cell = {"async": [], "sync": [], "ratio": [], "hidden": [], "diff": []}
             for kind in ("column", "row"):
                 per_rank = [r["ops"][(label, kind)] for r in op_res]
                 t = {n: [max(ts) for ts in zip(*(pr[0][n] for pr in per_rank))] for n in per_rank[0][0]}
@@ -918,11 +984,22 @@ def bench_tp(ranks: list[int], reps: int, warmup: int, dim: int, layers: int, ba
                       f"| {_ms(t['comm'])} | {_ms(t['compute'])} | {hidden('sync', md):.2f} ({hidden('sync', mn):.2f}) "
                       f"| {hidden('async', md):.2f} ({hidden('async', mn):.2f}) | {md['async'] / md['sync']:.2f} "
                       f"({mn['async'] / mn['sync']:.2f}) | {diff:.1e} |")
+                cell["async"].append(f"{kind} {_ms(t['async'])}")
+                cell["sync"].append(f"{kind} {_ms(t['sync'])}")
+                cell["ratio"].append(f"{kind} {_ratio(t['async'], t['sync'])}")
+                cell["hidden"].append(f"{kind} {hidden('async', md):.2f} (sync {hidden('sync', md):.2f})")
+                cell["diff"].append(diff)
+            rows.append(_row("async TP", f"ring op vs its synchronous form, 2 ranks, fwd+bwd of one op: {label}, "
+                                         f"S x D, N = {S} x {D}, {N}", "; ".join(cell["async"]),
+                             "; ".join(cell["sync"]), "; ".join(cell["ratio"]) + " of sync's time",
+                             "communication hidden, median: " + "; ".join(cell["hidden"])
+                             + f"; max rel. diff async vs sync {max(cell['diff']):.1e}"))
         nbytes, alone, waited = op_res[0]["progress"]
         print(f"\nprogress test (§3.3, rank 0): one ring step of {_mib(nbytes)} took {alone * 1e3:.1f} ms alone; "
               f"posted, then {max(0.2, 3 * alone) * 1e3:.0f} ms of sleep, its wait() took {waited * 1e3:.2f} ms "
               f"(~0: gloo progresses the transfer on its own threads, so a missing overlap means no spare CPU)")
     print(f"\n{time.perf_counter() - start_all:.0f} s in all")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -957,7 +1034,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_float8(M: int | None, reps: int | None, warmup: int | None, compile_: bool) -> None:
+def bench_float8(M: int | None, reps: int | None, warmup: int | None, compile_: bool,
+                 shape_div: int = 1) -> list[dict]:
     """Forward + backward of one linear (out = x W^T, grad_x, grad_W) on the Llama 3 8B
     block shapes: float8.Float8Matmul (tensorwise, rowwise) against F.linear in bf16
     (and float32 on CPU), the same bf16-representable inputs for all. Interleaved
@@ -974,6 +1052,10 @@ def bench_float8(M: int | None, reps: int | None, warmup: int | None, compile_: 
     warmup = max(1, warmup)  # the last warmup run gives the numerics
     if M % 16:
         raise ValueError(f"--M {M}: the weight-gradient GEMM contracts over M, which must be divisible by 16")
+    linears = [(label, K // shape_div, N // shape_div) for label, K, N in LLAMA3_8B_LINEARS]
+    if any(K % 16 or N % 16 for _, K, N in linears):
+        raise ValueError(f"--shape-div {shape_div}: every K and N must stay divisible by 16 (torch._scaled_mm); "
+                         f"got {[(K, N) for _, K, N in linears]}")
     impls = {"bf16": (_linear_hp, torch.bfloat16)}
     if not cuda:
         impls["fp32"] = (_linear_hp, torch.float32)
@@ -990,7 +1072,7 @@ def bench_float8(M: int | None, reps: int | None, warmup: int | None, compile_: 
         print("device: CPU. A NUMERICS DEMONSTRATION, not a speed result: torch._scaled_mm on CPU is an "
               "emulation-grade kernel and bf16 matmul is emulated on this CPU (no AVX512-BF16/AMX), so the "
               "times say nothing about a GPU; fp32 is this CPU's native-speed baseline")
-    print(f"Llama 3 8B block shapes, M = {M} tokens per matmul{'' if cuda else ' (the CPU default, so the run takes minutes: at M = 1024 one rep of the emulated bf16 baseline alone takes ~1 min here; 8192 on a GPU)'}; "
+    print(f"Llama 3 8B block shapes{f' with K and N / {shape_div}' if shape_div > 1 else ''}, M = {M} tokens per matmul{'' if cuda else ' (the CPU default, so the run takes minutes: at M = 1024 one rep of the emulated bf16 baseline alone takes ~1 min here; 8192 on a GPU)'}; "
           f"x ~ N(0, 1), W ~ N(0, 0.02^2), grad_out ~ N(0, 1), all rounded to bf16 and shared by every impl; "
           f"float8 with bf16 inputs and outputs (as under autocast); {'torch.compile (dynamic=False) on each impl' if compile_ else 'eager'}; "
           f"{reps} interleaved reps after {warmup} warmup run(s) each; time = median (min); "
@@ -1002,7 +1084,10 @@ def bench_float8(M: int | None, reps: int | None, warmup: int | None, compile_: 
 
     gen = torch.Generator().manual_seed(0)
     load0, start = os.getloadavg()[0], time.perf_counter()
-    for label, K, N in LLAMA3_8B_LINEARS:
+    rows = []
+    where = (f"{torch.cuda.get_device_name()}, {'compiled' if compile_ else 'eager'}" if cuda else
+             "CPU: emulated kernels, numerics only, not a speed result")
+    for label, K, N in linears:
         if compile_:
             torch._dynamo.reset()  # a fresh static-shape compile per shape
         x0 = torch.randn(M, K, generator=gen).bfloat16().to(device)
@@ -1048,8 +1133,18 @@ def bench_float8(M: int | None, reps: int | None, warmup: int | None, compile_: 
             speedups = " | ".join(f"{med[b] / med[name]:.2f}x ({low[b] / low[name]:.2f})" for b in baselines)
             print(f"| {label} | {M} x {K} -> {N} | {name} | {med[name] * 1e3:.1f} ms ({low[name] * 1e3:.1f}) "
                   f"| {flops / med[name] / 1e12:.3g} | {speedups} | {' / '.join(f'{s:.1f}' for s in sqnr[name])} |")
+        f8 = [n for n in impls if n.startswith("float8")]
+        rows.append(_row("float8", f"float8 linear vs bf16 F.linear, {label}: {M} x {K} -> {N}, fwd+bwd "
+                                   f"({where}): time, and SQNR vs float64", "; ".join(
+                                       f"{n.split()[1]} {_ms(times[n])}" for n in f8),
+                         "; ".join(f"{n} {_ms(times[n])}" for n in baselines),
+                         "speedup vs bf16: " + "; ".join(f"{n.split()[1]} {_ratio(times['bf16'], times[n])}"
+                                                         for n in f8),
+                         "SQNR out / grad_x / grad_W (dB): " + "; ".join(
+                             f"{n.split()[-1]} {' / '.join(f'{x:.1f}' for x in sqnr[n])}" for n in f8 + ["bf16"])))
     print(f"\n{time.perf_counter() - start:.0f} s in all; 1-min load average {load0:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores: other processes on this machine skew the times)")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -1168,134 +1263,120 @@ class _DCPSaver:
             dist.destroy_process_group(self.group)
 
 
-def _ckpt_rank(rank: int, world: int, port: int, cfg: dict, queue) -> None:
+def _ckpt_rank(rank: int, world: int, cfg: dict) -> dict:
     """One rank: ours on fsdp.py shards and DCP on FSDP2 (fully_shard) shards of the same
     weights (world 1: one plain model for both), one AdamW step each; check that ours
     (and DCP) load back bitwise; then interleaved reps of every save mode (fresh
     directory each) and of cold and warm loads; then training steps with a save in
     flight."""
     import shutil
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        args = llama.model_args("debug", dim=cfg["dim"], n_layers=cfg["layers"], vocab_size=cfg["vocab"])
-        if world > 1:
-            full = llama.build_model(args, "cpu")
-            llama.init_weights(full, args, seed=0)
-            state = full.state_dict()
-            del full
-            models = {"ours": _fsdp_setup("ours", args, state, world),
-                      "DCP": _fsdp_setup("fully_shard", args, state, world)}
-            del state
-        else:
-            model, opt = _train_setup(args, torch.float32)
-            models = {"ours": (model, opt), "DCP": (model, opt)}
-        gen = torch.Generator().manual_seed(1000 + rank)
-        micro = [torch.randint(0, args.vocab_size, (cfg["batch"], cfg["seq"] + 1), generator=gen)]
-        global_tokens = world * cfg["batch"] * cfg["seq"]
-        for impl, (model, opt) in models.items():
-            if impl == "ours" or world > 1:
-                _fsdp_step(model, opt, micro, global_tokens)  # AdamW state exists from here on
-        savers = {mode: (_OursSaver if mode.startswith("ours") else _DCPSaver)(
-            *models[mode.split()[0]], async_save=mode.endswith("async")) for mode in CKPT_MODES}
-        result = {"state_bytes": sum(t.numel() * t.element_size() for t in _local_tensors(*models["ours"])),
-                  "verify": {}, "stall": {m: [] for m in CKPT_MODES}, "durable": {m: [] for m in CKPT_MODES},
-                  "cold": {"ours": [], "DCP": []}, "warm": {"ours": [], "DCP": []}, "disk": {}}
-        root = cfg["dir"]
+    args = llama.model_args("debug", dim=cfg["dim"], n_layers=cfg["layers"], vocab_size=cfg["vocab"])
+    if world > 1:
+        full = llama.build_model(args, "cpu")
+        llama.init_weights(full, args, seed=0)
+        state = full.state_dict()
+        del full
+        models = {"ours": _fsdp_setup("ours", args, state, world),
+                  "DCP": _fsdp_setup("fully_shard", args, state, world)}
+        del state
+    else:
+        model, opt = _train_setup(args, torch.float32)
+        models = {"ours": (model, opt), "DCP": (model, opt)}
+    gen = torch.Generator().manual_seed(1000 + rank)
+    micro = [torch.randint(0, args.vocab_size, (cfg["batch"], cfg["seq"] + 1), generator=gen)]
+    global_tokens = world * cfg["batch"] * cfg["seq"]
+    for impl, (model, opt) in models.items():
+        if impl == "ours" or world > 1:
+            _fsdp_step(model, opt, micro, global_tokens)  # AdamW state exists from here on
+    savers = {mode: (_OursSaver if mode.startswith("ours") else _DCPSaver)(
+        *models[mode.split()[0]], async_save=mode.endswith("async")) for mode in CKPT_MODES}
+    result = {"state_bytes": sum(t.numel() * t.element_size() for t in _local_tensors(*models["ours"])),
+              "verify": {}, "stall": {m: [] for m in CKPT_MODES}, "durable": {m: [] for m in CKPT_MODES},
+              "cold": {"ours": [], "DCP": []}, "warm": {"ours": [], "DCP": []}, "disk": {}}
+    root = cfg["dir"]
 
-        def clear(*paths):
+    def clear(*paths):
+        dist.barrier()
+        if rank == 0:
+            for p in paths:
+                shutil.rmtree(p, ignore_errors=True)
+        dist.barrier()
+
+    # Correctness first: save, zero every local tensor, load, compare bitwise.
+    for impl, mode in (("ours", "ours blocking"), ("DCP", "DCP blocking")):
+        model, opt = models[impl]
+        path = os.path.join(root, f"verify-{impl}")
+        before = [t.clone() for t in _local_tensors(model, opt)]
+        savers[mode].save(path)
+        savers[mode].wait()
+        with torch.no_grad():
+            for t in _local_tensors(model, opt):
+                t.zero_()
+        savers[mode].load(path)
+        after = _local_tensors(model, opt)
+        result["verify"][impl] = (len(before), sum(torch.equal(a, b) for a, b in zip(before, after)))
+        clear(path)
+
+    # Interleaved reps: every save mode, then cold and warm loads of the blocking saves.
+    for rep in range(cfg["reps"]):
+        modes = CKPT_MODES if rep % 2 == 0 else CKPT_MODES[::-1]
+        paths = {m: os.path.join(root, f"{m.replace(' ', '-')}-{rep}") for m in CKPT_MODES}
+        for mode in modes:
+            dist.barrier()
+            start = time.perf_counter()
+            savers[mode].save(paths[mode])
+            returned = time.perf_counter()
+            savers[mode].wait()
+            done = time.perf_counter()
+            result["stall"][mode].append(returned - start)
+            result["durable"][mode].append(done - start)
+        if rep == 0 and rank == 0:  # every mode's save is committed (rank 0 waited for it)
+            result["disk"] = {m: _dir_bytes(p) for m, p in paths.items()}
+        for impl in (("ours", "DCP") if rep % 2 == 0 else ("DCP", "ours")):
+            path = paths[f"{impl} blocking"]
             dist.barrier()
             if rank == 0:
-                for p in paths:
-                    shutil.rmtree(p, ignore_errors=True)
-            dist.barrier()
+                _evict(path)
+            for kind in ("cold", "warm"):
+                dist.barrier()
+                start = time.perf_counter()
+                savers[f"{impl} blocking"].load(path)
+                result[kind][impl].append(time.perf_counter() - start)
+        clear(*paths.values())
 
-        # Correctness first: save, zero every local tensor, load, compare bitwise.
-        for impl, mode in (("ours", "ours blocking"), ("DCP", "DCP blocking")):
+    # Training steps right after an async save at a step boundary, the write in flight
+    # (a blocking save loses exactly its stall, measured above).
+    variants = [("ours", None), ("ours", "ours async"), ("DCP", "DCP async")]
+    if world > 1:
+        variants.insert(2, ("DCP", None))  # FSDP2's own no-save baseline
+    result["steps"] = {v: {"total": [], "stall": [], "step": [], "flight": [], "wait": []} for v in variants}
+    for impl, mode in variants:
+        if mode is None and cfg["steps"]:  # one untimed step each first
+            _fsdp_step(*models[impl], micro, global_tokens)
+    for rep in range(cfg["step_reps"] if cfg["steps"] else 0):
+        for impl, mode in (variants if rep % 2 == 0 else variants[::-1]):
             model, opt = models[impl]
-            path = os.path.join(root, f"verify-{impl}")
-            before = [t.clone() for t in _local_tensors(model, opt)]
-            savers[mode].save(path)
-            savers[mode].wait()
-            with torch.no_grad():
-                for t in _local_tensors(model, opt):
-                    t.zero_()
-            savers[mode].load(path)
-            after = _local_tensors(model, opt)
-            result["verify"][impl] = (len(before), sum(torch.equal(a, b) for a, b in zip(before, after)))
-            clear(path)
-
-        # Interleaved reps: every save mode, then cold and warm loads of the blocking saves.
-        for rep in range(cfg["reps"]):
-            modes = CKPT_MODES if rep % 2 == 0 else CKPT_MODES[::-1]
-            paths = {m: os.path.join(root, f"{m.replace(' ', '-')}-{rep}") for m in CKPT_MODES}
-            for mode in modes:
-                dist.barrier()
-                start = time.perf_counter()
-                savers[mode].save(paths[mode])
-                returned = time.perf_counter()
-                savers[mode].wait()
-                done = time.perf_counter()
-                result["stall"][mode].append(returned - start)
-                result["durable"][mode].append(done - start)
-            if rep == 0 and rank == 0:  # every mode's save is committed (rank 0 waited for it)
-                result["disk"] = {m: _dir_bytes(p) for m, p in paths.items()}
-            for impl in (("ours", "DCP") if rep % 2 == 0 else ("DCP", "ours")):
-                path = paths[f"{impl} blocking"]
-                dist.barrier()
-                if rank == 0:
-                    _evict(path)
-                for kind in ("cold", "warm"):
-                    dist.barrier()
-                    start = time.perf_counter()
-                    savers[f"{impl} blocking"].load(path)
-                    result[kind][impl].append(time.perf_counter() - start)
-            clear(*paths.values())
-
-        # Training steps right after an async save at a step boundary, the write in flight
-        # (a blocking save loses exactly its stall, measured above).
-        variants = [("ours", None), ("ours", "ours async"), ("DCP", "DCP async")]
-        if world > 1:
-            variants.insert(2, ("DCP", None))  # FSDP2's own no-save baseline
-        result["steps"] = {v: {"total": [], "stall": [], "step": [], "flight": [], "wait": []} for v in variants}
-        for impl, mode in variants:
-            if mode is None and cfg["steps"]:  # one untimed step each first
-                _fsdp_step(*models[impl], micro, global_tokens)
-        for rep in range(cfg["step_reps"] if cfg["steps"] else 0):
-            for impl, mode in (variants if rep % 2 == 0 else variants[::-1]):
-                model, opt = models[impl]
-                path = os.path.join(root, f"steps-{rep}")
-                out = result["steps"][(impl, mode)]
-                dist.barrier()
-                start = time.perf_counter()
-                if mode is not None:
-                    savers[mode].save(path)
-                out["stall"].append(time.perf_counter() - start)
-                for _ in range(cfg["steps"]):
-                    t0 = time.perf_counter()
-                    _fsdp_step(model, opt, micro, global_tokens)
-                    out["step"].append(time.perf_counter() - t0)
-                    out["flight"].append(mode is not None and savers[mode].in_flight())
+            path = os.path.join(root, f"steps-{rep}")
+            out = result["steps"][(impl, mode)]
+            dist.barrier()
+            start = time.perf_counter()
+            if mode is not None:
+                savers[mode].save(path)
+            out["stall"].append(time.perf_counter() - start)
+            for _ in range(cfg["steps"]):
                 t0 = time.perf_counter()
-                if mode is not None:
-                    savers[mode].wait()
-                out["wait"].append(time.perf_counter() - t0)
-                out["total"].append(time.perf_counter() - start)
-                clear(path)
-        for s in savers.values():
-            s.close()
-        queue.put((rank, result))
-    except BaseException:
-        import traceback
-        queue.put((rank, {"error": traceback.format_exc()}))
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _ck_ms(ts: list[float]) -> str:
-    return f"{statistics.median(ts) * 1e3:.0f} ms ({min(ts) * 1e3:.0f})"
+                _fsdp_step(model, opt, micro, global_tokens)
+                out["step"].append(time.perf_counter() - t0)
+                out["flight"].append(mode is not None and savers[mode].in_flight())
+            t0 = time.perf_counter()
+            if mode is not None:
+                savers[mode].wait()
+            out["wait"].append(time.perf_counter() - t0)
+            out["total"].append(time.perf_counter() - start)
+            clear(path)
+    for s in savers.values():
+        s.close()
+    return result
 
 
 def _ck_ratio(a: list[float], b: list[float]) -> str:
@@ -1303,7 +1384,7 @@ def _ck_ratio(a: list[float], b: list[float]) -> str:
 
 
 def bench_checkpoint(ranks: list[int], reps: int, dim: int, layers: int, vocab: int, steps: int, step_reps: int,
-                     batch: int, seq: int, tmp: str) -> None:
+                     batch: int, seq: int, tmp: str) -> list[dict]:
     """Ours (checkpoint.py) against torch.distributed.checkpoint on the same state:
     parameters + AdamW state (one step taken), float32, sharded by fsdp.py (ours) and by
     FSDP2 (DCP) over gloo ranks. Save (blocking, until durable) and load (cold: evicted
@@ -1333,6 +1414,7 @@ def bench_checkpoint(ranks: list[int], reps: int, dim: int, layers: int, vocab: 
         crc.append(time.perf_counter() - t1)
     print(f"snapshot cost on this machine, one thread: tensor copy {x.nbytes / min(copy) / 1e9:.1f} GB/s, "
           f"zlib.crc32 {x.nbytes / min(crc) / 1e9:.1f} GB/s")
+    rows = []
     for W in ranks:
         base = tempfile.mkdtemp(prefix="nanotitan-bench-ckpt-", dir=tmp)
         try:
@@ -1350,8 +1432,10 @@ def bench_checkpoint(ranks: list[int], reps: int, dim: int, layers: int, vocab: 
         print(f"\n{W} rank(s){' (fsdp.py / FSDP2 shards)' if W > 1 else ' (one process, unsharded)'}; state "
               f"{_mib(sum(r['state_bytes'] for r in res))} over all ranks; {elapsed:.0f} s; 1-min load average "
               f"{load0:.1f} before, {load1:.1f} after ({os.cpu_count()} cores: other processes skew the times)")
+        verified = {}
         for impl in ("ours", "DCP"):
             total, equal = zip(*(r["verify"][impl] for r in res))
+            verified[impl] = f"{sum(equal)}/{sum(total)}"
             print(f"round trip {impl}: save, zero every local tensor, load: {sum(equal)} of {sum(total)} local "
                   f"tensors bitwise equal over {W} rank(s)")
             if sum(equal) != sum(total):
@@ -1365,15 +1449,33 @@ def bench_checkpoint(ranks: list[int], reps: int, dim: int, layers: int, vocab: 
         print("|---|---|---|---|---|---|---|---|")
         for i in ("ours", "DCP"):
             nbytes, files = disk[f"{i} blocking"]
-            print(f"| {i} | {_ck_ms(save[i])} | {_ck_ratio(save[i], save['DCP'])} | {_ck_ms(cold[i])} "
-                  f"| {_ck_ratio(cold[i], cold['DCP'])} | {_ck_ms(warm[i])} | {_ck_ratio(warm[i], warm['DCP'])} "
+            print(f"| {i} | {_ms(save[i])} | {_ck_ratio(save[i], save['DCP'])} | {_ms(cold[i])} "
+                  f"| {_ck_ratio(cold[i], cold['DCP'])} | {_ms(warm[i])} | {_ck_ratio(warm[i], warm['DCP'])} "
                   f"| {nbytes:,} B = {_mib(nbytes)} ({files}) |")
         print("\n| save mode | stall: save() returns | until durable (wait) | stall / its blocking save |")
         print("|---|---|---|---|")
+        stalls = {}
         for m in CKPT_MODES:
             stall, durable = slowest(lambda r: r["stall"][m]), slowest(lambda r: r["durable"][m])
             block = save[m.split()[0]]
-            print(f"| {m} | {_ck_ms(stall)} | {_ck_ms(durable)} | {_ck_ratio(stall, block)} |")
+            stalls[m] = stall
+            print(f"| {m} | {_ms(stall)} | {_ms(durable)} | {_ck_ratio(stall, block)} |")
+        where = f"{W} rank(s) ({'fsdp.py / FSDP2 shards' if W > 1 else 'one unsharded model'})"
+        state_mib = _mib(sum(r["state_bytes"] for r in res))
+        rows += [
+            _row("checkpoint", f"ours vs DCP, {where}, {state_mib}: blocking save until durable", _ms(save["ours"]),
+                 _ms(save["DCP"]), _ratio(save["ours"], save["DCP"]) + " of DCP's time",
+                 f"round trip bitwise equal tensors: ours {verified['ours']}, DCP {verified['DCP']}; bytes on disk "
+                 f"{disk['ours blocking'][0] / disk['DCP blocking'][0]:.3f}x DCP's"),
+            _row("checkpoint", f"{where}: load, cold (evicted from the page cache) / warm",
+                 f"{_ms(cold['ours'])} / {_ms(warm['ours'])}", f"{_ms(cold['DCP'])} / {_ms(warm['DCP'])}",
+                 f"cold {_ratio(cold['ours'], cold['DCP'])}, warm {_ratio(warm['ours'], warm['DCP'])} of DCP's time"),
+            _row("checkpoint", f"{where}: async save, training stall (until save() returns)",
+                 _ms(stalls["ours async"]), _ms(stalls["DCP async"]),
+                 _ratio(stalls["ours async"], stalls["DCP async"]) + " of DCP's stall",
+                 f"stall / own blocking save: ours {_ratio(stalls['ours async'], save['ours'])}, "
+                 f"DCP {_ratio(stalls['DCP async'], save['DCP'])}"),
+        ]
         if steps:
             print(f"\nAsync save at a step boundary, then {steps} training steps ({batch} x {seq} tokens per rank), "
                   f"then wait until durable; {step_reps} interleaved reps with the same steps without a save. Time "
@@ -1393,10 +1495,11 @@ def bench_checkpoint(ranks: list[int], reps: int, dim: int, layers: int, vocab: 
                 during = [t for t, f in zip(get("step"), flight) if f]
                 lost = [a - b for a, b in zip(get("total"), nosave)]
                 print(f"| {('fsdp.py' if impl == 'ours' else 'FSDP2') if W > 1 else 'plain'} | {mode} "
-                      f"| {_ck_ms(get('stall'))} | {_ck_ms(during) + f' [{len(during)}]' if during else '- [0]'} "
-                      f"| {_ck_ms(nosave_step)} | {_ck_ms(get('wait'))} "
+                      f"| {_ms(get('stall'))} | {_ms(during) + f' [{len(during)}]' if during else '- [0]'} "
+                      f"| {_ms(nosave_step)} | {_ms(get('wait'))} "
                       f"| {statistics.median(lost) * 1e3:.0f} ms ({min(lost) * 1e3:.0f}) "
-                      f"| {_ck_ms(save[impl])} |")
+                      f"| {_ms(save[impl])} |")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -1455,107 +1558,96 @@ class _PeerStage(torch.nn.Module):
         return self.stage(x)
 
 
-def _pp_rank(rank: int, world: int, port: int, cfg: dict, queue) -> None:
+def _pp_rank(rank: int, world: int, cfg: dict) -> dict:
     """One rank: for every (schedule, m): ours and torch's pipelining on the same stage
     modules, loss and gradient check, then interleaved timed steps with busy time."""
-    from datetime import timedelta
     from torch.distributed import pipelining
     import pipeline
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    try:
-        timer = _BusyTimer()
-        args = llama.model_args("debug", dim=cfg["dim"], n_layers=cfg["layers"])
-        full = llama.build_model(args, "cpu")
-        llama.init_weights(full, args, seed=0)
-        B, S = cfg["batch"], cfg["seq"]
-        device = torch.device("cpu")
-        group = dist.group.WORLD
-        out = {}
-        for label, ours_name, peer_name, v in PP_SCHEDULES:
-            if v > 1 and cfg["layers"] < world * v:
-                continue
-            for m in cfg["micro"]:
-                n = world * v
-                stages = pipeline.build_stages(full, rank, world, v)  # copies of the weights
-                for st in stages.values():
-                    timer.watch(st)
-                params = [p for st in stages.values() for p in st.parameters()]
-                gen = torch.Generator().manual_seed(1234)  # the same batch on every rank
-                tokens = torch.randint(0, args.vocab_size, (m * B, S + 1), generator=gen)
-                x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-                global_tokens = y.numel()
+    timer = _BusyTimer()
+    args = llama.model_args("debug", dim=cfg["dim"], n_layers=cfg["layers"])
+    full = llama.build_model(args, "cpu")
+    llama.init_weights(full, args, seed=0)
+    B, S = cfg["batch"], cfg["seq"]
+    device = torch.device("cpu")
+    group = dist.group.WORLD
+    out = {}
+    for label, ours_name, peer_name, v in PP_SCHEDULES:
+        if v > 1 and cfg["layers"] < world * v:
+            continue
+        for m in cfg["micro"]:
+            n = world * v
+            stages = pipeline.build_stages(full, rank, world, v)  # copies of the weights
+            for st in stages.values():
+                timer.watch(st)
+            params = [p for st in stages.values() for p in st.parameters()]
+            gen = torch.Generator().manual_seed(1234)  # the same batch on every rank
+            tokens = torch.randint(0, args.vocab_size, (m * B, S + 1), generator=gen)
+            x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+            global_tokens = y.numel()
 
-                def loss_fn(logits, labels):
-                    return train.loss_fn(logits, labels, global_tokens)
-                loss_fn = timer.wrap(loss_fn)
-                runner = pipeline.PipelineRunner(pipeline.build_schedule(ours_name, world, m, v)[rank], stages, n,
-                                                 group, loss_fn, (B, S, args.dim), torch.float32, device)
-                runner._backward_weight = timer.wrap(runner._backward_weight)
-                x_mb, y_mb = list(x.chunk(m)), list(y.chunk(m))
+            def loss_fn(logits, labels):
+                return train.loss_fn(logits, labels, global_tokens)
+            loss_fn = timer.wrap(loss_fn)
+            runner = pipeline.PipelineRunner(pipeline.build_schedule(ours_name, world, m, v)[rank], stages, n,
+                                             group, loss_fn, (B, S, args.dim), torch.float32, device)
+            runner._backward_weight = timer.wrap(runner._backward_weight)
+            x_mb, y_mb = list(x.chunk(m)), list(y.chunk(m))
 
-                def ours() -> float:
-                    return float(runner.step(x_mb, y_mb))
+            def ours() -> float:
+                return float(runner.step(x_mb, y_mb))
 
-                pstages = [pipelining.PipelineStage(_PeerStage(stages[s]), s, n, device, group=group)
-                           for s in sorted(stages)]
-                cls = getattr(pipelining, peer_name)
-                multi = issubclass(cls, pipelining.schedules.PipelineScheduleMulti)
-                sched = cls(pstages if multi else pstages[0], n_microbatches=m, loss_fn=loss_fn,
-                            scale_grads=False)  # the loss is already / global tokens, as ours
-                first, last = 0 in stages, n - 1 in stages
+            pstages = [pipelining.PipelineStage(_PeerStage(stages[s]), s, n, device, group=group)
+                       for s in sorted(stages)]
+            cls = getattr(pipelining, peer_name)
+            multi = issubclass(cls, pipelining.schedules.PipelineScheduleMulti)
+            sched = cls(pstages if multi else pstages[0], n_microbatches=m, loss_fn=loss_fn,
+                        scale_grads=False)  # the loss is already / global tokens, as ours
+            first, last = 0 in stages, n - 1 in stages
 
-                def peer() -> float:
-                    losses = []
-                    sched.step(*((x,) if first else ()), target=y if last else None, losses=losses,
-                               return_outputs=False)
-                    return float(sum(loss.detach().double() for loss in losses)) if last else 0.0
-                impls = {"ours": ours, "torch": peer}
-                # Check first: one step each from zero gradients, same weights and batch; abort
-                # on every rank together if they differ.
-                check = {}
+            def peer() -> float:
+                losses = []
+                sched.step(*((x,) if first else ()), target=y if last else None, losses=losses,
+                           return_outputs=False)
+                return float(sum(loss.detach().double() for loss in losses)) if last else 0.0
+            impls = {"ours": ours, "torch": peer}
+            # Check first: one step each from zero gradients, same weights and batch; abort
+            # on every rank together if they differ.
+            check = {}
+            for name, fn in impls.items():
+                for p in params:
+                    p.grad = None
+                dist.barrier()
+                check[name] = (fn(), [p.grad.clone() for p in params])
+            (l0, g0), (l1, g1) = check["ours"], check["torch"]
+            diff = torch.tensor([abs(l0 - l1) / abs(l0) if l0 else 0.0, max(
+                ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() for a, b in zip(g0, g1))],
+                dtype=torch.float64)
+            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+            loss_rel, grad_rel = diff.tolist()
+            if not max(loss_rel, grad_rel) <= 1e-4:
+                raise RuntimeError(f"pp {label} m={m}: ours and torch differ (relative: loss {loss_rel:.1e}, "
+                                   f"max gradient {grad_rel:.1e}); not timing different work")
+            for _ in range(cfg["warmup"]):
+                for fn in impls.values():
+                    for p in params:
+                        p.grad = None
+                    dist.barrier()
+                    fn()
+            times = {name: [] for name in impls}
+            busy = {name: [] for name in impls}
+            for _ in range(cfg["reps"]):
                 for name, fn in impls.items():
                     for p in params:
                         p.grad = None
                     dist.barrier()
-                    check[name] = (fn(), [p.grad.clone() for p in params])
-                (l0, g0), (l1, g1) = check["ours"], check["torch"]
-                diff = torch.tensor([abs(l0 - l1) / abs(l0) if l0 else 0.0, max(
-                    ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() for a, b in zip(g0, g1))],
-                    dtype=torch.float64)
-                dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-                loss_rel, grad_rel = diff.tolist()
-                if not max(loss_rel, grad_rel) <= 1e-4:
-                    raise RuntimeError(f"pp {label} m={m}: ours and torch differ (relative: loss {loss_rel:.1e}, "
-                                       f"max gradient {grad_rel:.1e}); not timing different work")
-                for _ in range(cfg["warmup"]):
-                    for fn in impls.values():
-                        for p in params:
-                            p.grad = None
-                        dist.barrier()
-                        fn()
-                times = {name: [] for name in impls}
-                busy = {name: [] for name in impls}
-                for _ in range(cfg["reps"]):
-                    for name, fn in impls.items():
-                        for p in params:
-                            p.grad = None
-                        dist.barrier()
-                        timer.busy = 0.0
-                        start = time.perf_counter()
-                        fn()
-                        times[name].append(time.perf_counter() - start)
-                        busy[name].append(timer.busy)
-                out[(label, m)] = dict(times=times, busy=busy, loss=check["ours"][0], loss_rel=loss_rel,
-                                       grad_rel=grad_rel, peer=peer_name, ours=ours_name, v=v)
-        queue.put((rank, out))
-    except BaseException:
-        import traceback
-        queue.put((rank, {"error": traceback.format_exc()}))
-        raise
-    finally:
-        dist.destroy_process_group()
+                    timer.busy = 0.0
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+                    busy[name].append(timer.busy)
+            out[(label, m)] = dict(times=times, busy=busy, loss=check["ours"][0], loss_rel=loss_rel,
+                                   grad_rel=grad_rel, peer=peer_name, ours=ours_name, v=v)
+    return out
 
 
 def _pp_formula(name: str, p: int, m: int, v: int) -> str:
@@ -1572,7 +1664,7 @@ def _pp_formula(name: str, p: int, m: int, v: int) -> str:
 
 
 def bench_pp(ranks: list[int], micro: list[int], reps: int, warmup: int, dim: int, layers: int, batch: int,
-             seq: int) -> None:
+             seq: int) -> list[dict]:
     """Ours (pipeline.py: build_stages + PipelineRunner) against torch.distributed.pipelining
     (PipelineStage + its schedules) on the same stage modules (the same weights), the same
     batch, float32, gloo, 1 thread per rank. Both: loss per micro-batch = token CE sum /
@@ -1590,10 +1682,11 @@ def bench_pp(ranks: list[int], micro: list[int], reps: int, warmup: int, dim: in
           f"(no optimizer); 1 checked + {warmup} warmup steps each, then {reps} interleaved reps (ours, torch, ...), "
           f"barrier before each; step time = slowest rank; idle = 1 - busy / step time, busy = time in stage "
           f"forward, loss, autograd backward (and our W)")
+    rows = []
     for W in ranks:
         cfg = dict(dim=dim, layers=layers, batch=batch, seq=seq, micro=micro, reps=reps, warmup=warmup)
         load0 = os.getloadavg()[0]
-        res = _run_ranks(_pp_rank, W, cfg)
+        res = _run_ranks(_pp_rank, W, cfg, timeout_s=120)
         load1 = os.getloadavg()[0]
         splits = "; ".join(f"v={v}: {[len(x) for x in pipeline.split_layers(layers, W * v)]}" for v in (1, 2)
                            if W * v <= layers)
@@ -1603,6 +1696,7 @@ def bench_pp(ranks: list[int], micro: list[int], reps: int, warmup: int, dim: in
         print("\n| schedule | m | impl | step median (min) | ours/torch: median (min) | idle per rank, measured "
               "(median) | idle formula (unit-cost sim of ours, per rank) | ours vs torch, one step: max rel. diff |")
         print("|---|---|---|---|---|---|---|---|")
+        per_schedule: dict[str, list[tuple]] = {}  # the summary: one row per schedule, its m values side by side
         for key in res[0]:
             label, m = key
             r0 = res[0][key]
@@ -1620,6 +1714,23 @@ def bench_pp(ranks: list[int], micro: list[int], reps: int, warmup: int, dim: in
                 impl = "ours" if n == "ours" else f"torch {r0['peer']}"
                 print(f"| {label} | {m} | {impl} | {med[n] * 1e3:.0f} ms ({min(step[n]) * 1e3:.0f}) | {ratio} "
                       f"| {' / '.join(f'{100 * i:.0f}%' for i in idle)} | {formula} | {chk} |")
+                if n == "ours":
+                    idle_ours = " / ".join(f"{100 * i:.0f}%" for i in idle)
+            if "torch" in names:
+                per_schedule.setdefault(label, []).append((m, step, r0, idle_ours, formula))
+        for label, per_m in per_schedule.items():
+            cells: dict[str, list[str]] = {"ours": [], "torch": [], "ratio": [], "check": []}
+            for m, step, r0, idle_ours, formula in per_m:
+                cells["ours"].append(f"m={m}: {_ms(step['ours'])}")
+                cells["torch"].append(f"m={m}: {_ms(step['torch'])}")
+                cells["ratio"].append(f"m={m}: {_ratio(step['ours'], step['torch'])}")
+                cells["check"].append(f"m={m}: max rel. diff loss {r0['loss_rel']:.0e}, grads {r0['grad_rel']:.0e}; "
+                                      f"idle per rank, ours {idle_ours}, formula {formula}")
+            rows.append(_row("PP", f"ours vs torch {per_m[0][2]['peer']}, {label}, {W} ranks: step time "
+                                   f"(fwd+bwd of m micro-batches)", "; ".join(cells["ours"]),
+                             "; ".join(cells["torch"]), "; ".join(cells["ratio"]) + " of torch's time",
+                             "; ".join(cells["check"])))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -1667,143 +1778,123 @@ def _cp_maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _cp_mem_rank(rank: int, world: int, port: int, cfg: dict, queue) -> None:
+def _cp_mem_rank(rank: int, world: int, cfg: dict) -> dict:
     """One rank of the memory searches at cp = world, one per attention in cfg["rotates"]:
     every rank runs the same search, its decisions taken on the peak all-reduced (MAX)
     over the ranks, so all agree. Per-rank peak of one step = _LiveBytes (live tensor
     bytes, allocator-free). The process's RSS high-water mark is monotonic: its growth
     is recorded after the first search only."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        cp, unit, group, budget = world, cfg["unit"], dist.group.WORLD, cfg["budget"]
-        args = llama.model_args("debug")
-        model, optimizer = _train_setup(args, torch.float32)
-        rss0 = _cp_maxrss()  # before the first step: no AdamW state, no gradients yet
-        _cp_attach(model, group, cp, unit, cfg["rotates"][0])
-        _cp_step(model, optimizer, _cp_tokens(unit, args.vocab_size), cp, rank, group)  # AdamW state exists
-        result = {}
-        for rotate in cfg["rotates"]:
-            peaks: dict[int, int] = {}
+    cp, unit, group, budget = world, cfg["unit"], dist.group.WORLD, cfg["budget"]
+    args = llama.model_args("debug")
+    model, optimizer = _train_setup(args, torch.float32)
+    rss0 = _cp_maxrss()  # before the first step: no AdamW state, no gradients yet
+    _cp_attach(model, group, cp, unit, cfg["rotates"][0])
+    _cp_step(model, optimizer, _cp_tokens(unit, args.vocab_size), cp, rank, group)  # AdamW state exists
+    result = {}
+    for rotate in cfg["rotates"]:
+        peaks: dict[int, int] = {}
 
-            def measure(seq: int) -> int:
-                if seq not in peaks:
-                    _cp_attach(model, group, cp, seq, rotate)
-                    tokens = _cp_tokens(seq, args.vocab_size)
-                    seed = list(model.parameters()) + [v for st in optimizer.state.values() for v in st.values()
-                                                       if isinstance(v, torch.Tensor)]
-                    dist.barrier()
-                    with _LiveBytes(seed) as tally:
-                        _cp_step(model, optimizer, tokens, cp, rank, group)
-                    peak = torch.tensor([tally.peak], dtype=torch.int64)
-                    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-                    peaks[seq] = int(peak.item())
-                return peaks[seq]
+        def measure(seq: int) -> int:
+            if seq not in peaks:
+                _cp_attach(model, group, cp, seq, rotate)
+                tokens = _cp_tokens(seq, args.vocab_size)
+                seed = list(model.parameters()) + [v for st in optimizer.state.values() for v in st.values()
+                                                   if isinstance(v, torch.Tensor)]
+                dist.barrier()
+                with _LiveBytes(seed) as tally:
+                    _cp_step(model, optimizer, tokens, cp, rank, group)
+                peak = torch.tensor([tally.peak], dtype=torch.int64)
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+                peaks[seq] = int(peak.item())
+            return peaks[seq]
 
-            lo, hi = cfg["fit_seqs"]
-            for s in (lo, hi):
-                measure(s)
-            if budget is None:
-                budget = measure(cfg["budget_seq"])
-            slope = (peaks[hi] - peaks[lo]) / (hi - lo)  # bytes per token of the whole sequence
-            guess = int((budget - (peaks[lo] - slope * lo)) / max(slope, 1.0)) // unit * unit
-            seq = min(max(unit, guess), cfg["max_seq"])
-            capped, tries = False, 0
-            if measure(seq) <= budget:  # walk up in steps of `unit` while it fits
-                while True:
-                    if seq + unit > cfg["max_seq"] or tries >= cfg["max_tries"]:
-                        capped = True
-                        break
-                    tries += 1
-                    if measure(seq + unit) > budget:
-                        break
-                    seq += unit
-            else:  # walk down until it fits
-                while seq > unit and tries < cfg["max_tries"] and measure(seq) > budget:
-                    seq -= unit
-                    tries += 1
-                if measure(seq) > budget:
-                    seq = 0
-            result[rotate] = {"peaks": peaks, "budget": budget, "longest": seq, "capped": capped,
-                              "rss_growth": _cp_maxrss() - rss0 if rotate == cfg["rotates"][0] else None}
-        queue.put((rank, result))
-    except BaseException:
-        import traceback
-        queue.put((rank, {"error": traceback.format_exc()}))
-        raise
-    finally:
-        dist.destroy_process_group()
+        lo, hi = cfg["fit_seqs"]
+        for s in (lo, hi):
+            measure(s)
+        if budget is None:
+            budget = measure(cfg["budget_seq"])
+        slope = (peaks[hi] - peaks[lo]) / (hi - lo)  # bytes per token of the whole sequence
+        guess = int((budget - (peaks[lo] - slope * lo)) / max(slope, 1.0)) // unit * unit
+        seq = min(max(unit, guess), cfg["max_seq"])
+        capped, tries = False, 0
+        if measure(seq) <= budget:  # walk up in steps of `unit` while it fits
+            while True:
+                if seq + unit > cfg["max_seq"] or tries >= cfg["max_tries"]:
+                    capped = True
+                    break
+                tries += 1
+                if measure(seq + unit) > budget:
+                    break
+                seq += unit
+        else:  # walk down until it fits
+            while seq > unit and tries < cfg["max_tries"] and measure(seq) > budget:
+                seq -= unit
+                tries += 1
+            if measure(seq) > budget:
+                seq = 0
+        result[rotate] = {"peaks": peaks, "budget": budget, "longest": seq, "capped": capped,
+                          "rss_growth": _cp_maxrss() - rss0 if rotate == cfg["rotates"][0] else None}
+    return result
 
 
 CP_TIME_CONFIGS = (("no CP", 1, "ring"), ("ring", 2, "ring"), ("all-gather", 2, "allgather"),
                    ("ring", 4, "ring"), ("all-gather", 4, "allgather"))
 
 
-def _cp_time_rank(rank: int, world: int, port: int, cfg: dict, queue) -> None:
+def _cp_time_rank(rank: int, world: int, cfg: dict) -> dict:
     """One rank of the step-time comparison: every configuration (cp ranks 0..cp-1; the
     others wait at the barrier) from the same weights on the same sequence; first-step
     losses; interleaved timed steps; the communication of one step each; then PyTorch's
     context_parallel tried on all `world` ranks."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        counter = _CommCounter()
-        counter.install(TP_COLLECTIVES)
-        args, seq = llama.model_args("debug"), cfg["seq"]
-        configs = [c for c in CP_TIME_CONFIGS if c[1] <= world]
-        groups = {cp: dist.new_group(list(range(cp))) for cp in sorted({c[1] for c in configs}) if cp > 1}
-        tokens = _cp_tokens(seq, args.vocab_size)
-        impls = {}
-        for name, cp, rotate in configs:
-            if rank < cp:
-                model, optimizer = _train_setup(args, torch.float32)
-                _cp_attach(model, groups.get(cp), cp, seq, rotate)
-                impls[(name, cp)] = (model, optimizer)
-        result = {"loss": {}, "times": {}, "comm": {}}
+    counter = _CommCounter()
+    counter.install(TP_COLLECTIVES)
+    args, seq = llama.model_args("debug"), cfg["seq"]
+    configs = [c for c in CP_TIME_CONFIGS if c[1] <= world]
+    groups = {cp: dist.new_group(list(range(cp))) for cp in sorted({c[1] for c in configs}) if cp > 1}
+    tokens = _cp_tokens(seq, args.vocab_size)
+    impls = {}
+    for name, cp, rotate in configs:
+        if rank < cp:
+            model, optimizer = _train_setup(args, torch.float32)
+            _cp_attach(model, groups.get(cp), cp, seq, rotate)
+            impls[(name, cp)] = (model, optimizer)
+    result = {"loss": {}, "times": {}, "comm": {}}
 
-        def run(name, cp) -> float | None:
-            dist.barrier()
-            if (name, cp) not in impls:
-                return None
-            model, optimizer = impls[(name, cp)]
-            loss = _cp_step(model, optimizer, tokens, cp, rank, groups.get(cp))
-            if cp > 1:
-                t = torch.tensor([loss], dtype=torch.float64)
-                dist.all_reduce(t, group=groups[cp])
-                loss = t.item()
-            return loss
+    def run(name, cp) -> float | None:
+        dist.barrier()
+        if (name, cp) not in impls:
+            return None
+        model, optimizer = impls[(name, cp)]
+        loss = _cp_step(model, optimizer, tokens, cp, rank, groups.get(cp))
+        if cp > 1:
+            t = torch.tensor([loss], dtype=torch.float64)
+            dist.all_reduce(t, group=groups[cp])
+            loss = t.item()
+        return loss
 
-        for name, cp, _ in configs:  # first step: the same weights and tokens for all
-            result["loss"][(name, cp)] = run(name, cp)
-        for _ in range(cfg["warmup"] - 1):
-            for name, cp, _ in configs:
-                run(name, cp)
-        for rep in range(cfg["reps"]):  # interleaved, alternating the order
-            for name, cp, _ in (configs if rep % 2 == 0 else configs[::-1]):
-                dist.barrier()
-                start = time.perf_counter()
-                if (name, cp) in impls:
-                    model, optimizer = impls[(name, cp)]
-                    _cp_step(model, optimizer, tokens, cp, rank, groups.get(cp))
-                    result["times"].setdefault((name, cp), []).append(time.perf_counter() - start)
+    for name, cp, _ in configs:  # first step: the same weights and tokens for all
+        result["loss"][(name, cp)] = run(name, cp)
+    for _ in range(cfg["warmup"] - 1):
         for name, cp, _ in configs:
+            run(name, cp)
+    for rep in range(cfg["reps"]):  # interleaved, alternating the order
+        for name, cp, _ in (configs if rep % 2 == 0 else configs[::-1]):
             dist.barrier()
-            counter.reset()
+            start = time.perf_counter()
             if (name, cp) in impls:
                 model, optimizer = impls[(name, cp)]
                 _cp_step(model, optimizer, tokens, cp, rank, groups.get(cp))
-                result["comm"][(name, cp)] = (dict(counter.calls), dict(counter.bytes))
-        del impls
-        result["torch_cp"] = _cp_try_torch(rank, world, args, tokens)
-        queue.put((rank, result))
-    except BaseException:
-        import traceback
-        queue.put((rank, {"error": traceback.format_exc()}))
-        raise
-    finally:
-        dist.destroy_process_group()
+                result["times"].setdefault((name, cp), []).append(time.perf_counter() - start)
+    for name, cp, _ in configs:
+        dist.barrier()
+        counter.reset()
+        if (name, cp) in impls:
+            model, optimizer = impls[(name, cp)]
+            _cp_step(model, optimizer, tokens, cp, rank, groups.get(cp))
+            result["comm"][(name, cp)] = (dict(counter.calls), dict(counter.bytes))
+    del impls
+    result["torch_cp"] = _cp_try_torch(rank, world, args, tokens)
+    return result
 
 
 def _cp_try_torch(rank: int, world: int, args: llama.ModelArgs, tokens: torch.Tensor) -> dict:
@@ -1850,7 +1941,7 @@ def _cp_ram() -> str:
 
 
 def bench_cp(budget_seq: int, budget_mib: float | None, cps: list[int], rotates: list[str], seq: int, reps: int,
-             warmup: int, time_cp: int, parts: tuple[str, ...] = ("memory", "time")) -> None:
+             warmup: int, time_cp: int, parts: tuple[str, ...] = ("memory", "time")) -> list[dict]:
     """Context parallel (context_parallel.py) on the debug Llama, float32, batch 1, random
     tokens; a step is forward + backward + gradient all-reduce over cp + AdamW (no clipping).
     1) Memory: per-rank peak of live tensor bytes in one step (bench._LiveBytes, a
@@ -1867,6 +1958,7 @@ def bench_cp(budget_seq: int, budget_mib: float | None, cps: list[int], rotates:
           f"torch {torch.__version__}; gloo, 1 thread per rank")
     args = llama.model_args("debug")
     psi = llama.num_params(args)
+    rows = []
     print(f"model debug (dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, {args.n_kv_heads} KV heads, "
           f"vocab {args.vocab_size}, {psi / 1e6:.2f}M params), float32, batch 1, random tokens; step = forward + "
           f"backward + gradient all-reduce over cp (SUM) + AdamW")
@@ -1905,6 +1997,13 @@ def bench_cp(budget_seq: int, budget_mib: float | None, cps: list[int], rotates:
             print(f"| {cp} | {'none' if cp == 1 else rotate} | {'>= ' if f['capped'] else ''}{s} | "
                   f"{s / base:.2f} | {s // cp} | {_mib(f['peaks'][s]) if s in f['peaks'] else '-'} | "
                   f"{_mib(above) if above is not None else '-'} | {len(f['peaks'])} |")
+            if cp > 1:
+                rows.append(_row("CP", f"cp={cp} {rotate} attention vs no CP: longest seq_len whose per-rank peak "
+                                       f"fits {_mib(budget)} (no CP's at {budget_seq})",
+                                 f"{'>= ' if f['capped'] else ''}{s} ({s // cp} per rank)", f"{base} (no CP)",
+                                 f"{s / base:.2f}x the sequence",
+                                 f"peak at it {_mib(f['peaks'][s]) if s in f['peaks'] else '-'}, at +{u} tokens "
+                                 f"{_mib(above) if above is not None else '-'}"))
 
         # Validation: peak against seq_len, an affine fit, and the process's RSS high-water mark.
         print("\nValidation of the memory measure: every measured (seq_len: peak); affine fit over them "
@@ -1962,28 +2061,155 @@ def bench_cp(budget_seq: int, budget_mib: float | None, cps: list[int], rotates:
             print(f"| {name} | {cp} | {med * 1e3:.0f} ms ({min(ts) * 1e3:.0f}) | {med / bmed:.2f} ({min(ts) / bmin:.2f}) "
                   f"| {seq / cp / med:,.0f} | {seq / med:,.0f} | {_mib(_ring_sent(attn, cp))} ({_mib(formula)}) "
                   f"| {rel:.1e} |")
+            if cp > 1:
+                where = f"{cp} ranks on {cores} cores{' (oversubscribed)' if cp > cores else ''}"
+                rows.append(_row("CP", f"{name} attention, cp={cp} ({where}) vs no CP (1 rank): step time at "
+                                       f"seq_len {seq}", _ms(ts), _ms(times[base_key]),
+                                 _ratio(ts, times[base_key]) + " of no CP's time",
+                                 f"first-step loss rel. diff {rel:.1e}; attention bytes sent per rank "
+                                 f"{_mib(_ring_sent(attn, cp))}, formula {_mib(formula)}"))
         print(f"formula (context_parallel.py docstring): ring L (3cp-2) |KV_r| (forward cp-1 K/V blocks, backward cp-1 "
               f"K/V blocks + cp float32 dK/dV accumulators), all-gather L 2(cp-1) |KV_r| (all-gather + reduce-scatter), "
               f"|KV_r| = 2 Hkv (S/cp) hd 4 B; plus the gradient all-reduce of 4 Psi = {_mib(4 * psi)} per step (not in "
               f"the column)")
         tcp = res[0]["torch_cp"]
+        ours_ring = times[("ring", world)]
+        comparison = f"ours (ring) vs PyTorch's context_parallel, cp={world}: step time at seq_len {seq}"
         if "error" in tcp:
             print(f"\nPyTorch context_parallel (torch.distributed.tensor.experimental), cp={world}: not available on CPU: "
                   f"{tcp['error']}")
+            rows.append(_row("CP", comparison, _ms(ours_ring), "does not run", f"no comparison: {tcp['error']}"))
         else:
             rel = abs(tcp["loss"] - ref_loss) / abs(ref_loss)
             ts = [max(t) for t in zip(*(r["torch_cp"]["times"] for r in res))]
             print(f"\nPyTorch context_parallel, cp={world}: first-step loss rel. diff vs no CP {rel:.1e}; 3 steps "
                   f"(not interleaved): median {statistics.median(ts) * 1e3:.0f} ms (min {min(ts) * 1e3:.0f})")
+            rows.append(_row("CP", comparison, _ms(ours_ring), _ms(ts) + " (3 steps, not interleaved)",
+                             _ratio(ours_ring, ts) + " of PyTorch's time",
+                             f"PyTorch's first-step loss rel. diff vs no CP {rel:.1e}"))
+    return rows
 
 
-def main() -> None:
+# ---------------------------------------------------------------------------------------
+# all: every bench above with its default arguments, one summary table of their headline rows
+
+BENCHES = {"mfu": "MFU", "fsdp": "FSDP", "tp": "TP", "float8": "float8", "checkpoint": "checkpoint", "pp": "PP",
+           "cp": "CP"}  # subcommand -> its rows' technique
+# --quick: smoke-test sizes (every code path, seconds to a minute each); never figures.
+QUICK_ARGS = {
+    "mfu": ["--steps", "1", "--warmup", "0", "--models", "debug"],
+    "fsdp": ["--ranks", "2", "--steps", "1", "--rounds", "1", "--dim", "64", "--layers", "1", "--batch", "1",
+             "--seq", "32"],
+    "tp": ["--ranks", "2", "--reps", "1", "--dim", "64", "--layers", "1", "--seq", "32", "--op-reps", "1",
+           "--no-op-shapes"],
+    "float8": ["--M", "16", "--reps", "1", "--warmup", "1", "--shape-div", "16"],
+    "checkpoint": ["--ranks", "2", "1", "--reps", "1", "--dim", "64", "--layers", "1", "--vocab", "256",
+                   "--steps", "1", "--step-reps", "1"],
+    "pp": ["--ranks", "2", "--micro", "2", "--reps", "1", "--warmup", "0", "--dim", "64", "--layers", "4",
+           "--seq", "32"],
+    "cp": ["--budget-seq", "256", "--cps", "2", "--seq", "256", "--reps", "1", "--warmup", "1", "--time-cp", "2"],
+}
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _error_line(e: BaseException) -> str:
+    """The exception's last line: a failed rank's RuntimeError carries the rank's
+    traceback, whose last line is what went wrong there."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
+
+
+def bench_all(parser: argparse.ArgumentParser, names: list[str], quick: bool, out: str, command: str) -> int:
+    """Run the benches one after another (each prints its detailed tables on stdout, as
+    when run alone), collect their headline rows into one Markdown table and write it to `out`
+    with the machine, date, command and wall time per bench; a failed bench becomes a
+    FAILED row (its traceback on stderr). Returns the exit status: 1 if any failed."""
+    load0, start = os.getloadavg()[0], time.perf_counter()
+    rows, walls, failed = [], {}, []
+    for i, name in enumerate(names, 1):
+        argv = [name] + (QUICK_ARGS[name] if quick else [])
+        print(f"[all {i}/{len(names)}] python bench.py {' '.join(argv)}: started at "
+              f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            rows += _run_bench(parser.parse_args(argv))
+        except Exception as e:
+            traceback.print_exc()
+            failed.append(name)
+            rows.append(_row(BENCHES[name], f"python bench.py {' '.join(argv)}", "-", "-",
+                             f"FAILED: {_error_line(e)}", "traceback on stderr"))
+        walls[name] = time.perf_counter() - t0
+        sys.stdout.flush()
+        print(f"[all {i}/{len(names)}] {name}: {'FAILED' if name in failed else 'done'} in {walls[name]:.0f} s; "
+              f"{time.perf_counter() - start:.0f} s elapsed", file=sys.stderr, flush=True)
+    total = time.perf_counter() - start
+    lines = [f"# nanotitan benchmarks: summary{' — QUICK RUN, NOT FIGURES' if quick else ''}", ""]
+    if quick:
+        lines += ["**A `--quick` run: smoke-test sizes (QUICK_ARGS in bench.py), to check that every bench runs. "
+                  "Its numbers are not measurements: do not quote or embed them.**", ""]
+    if names != list(BENCHES):
+        lines += [f"A subset: {', '.join(names)} (of {', '.join(BENCHES)}).", ""]
+    lines += [
+        f"- machine: {machine()}, {os.cpu_count()} cores, {_cp_ram()}; torch {torch.__version__}, "
+        f"Python {platform.python_version()}",
+        f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; command: `{command}`; 1-min load "
+        f"average {load0:.1f} before, {os.getloadavg()[0]:.1f} after (other processes skew the times)",
+        "- each row: ours against the peer (PyTorch's own implementation, or the stated baseline) on the same model, "
+        "ranks and machine in the same run, interleaved; times median (min); a time ratio is ours / peer of the "
+        "medians (of the mins): below 1, ours takes less; float8's speedups are bf16 / float8 (above 1: faster); "
+        "CP's sequence ratio is ours / no CP (above 1: longer). The detailed tables are this run's stdout "
+        "(`python bench.py NAME` prints one bench's)",
+        "",
+        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
+        "|" + "---|" * len(SUMMARY_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in SUMMARY_COLUMNS) + " |" for r in rows]
+    lines += ["", "Wall time per bench: " + ", ".join(f"{n} {walls[n]:.0f} s" + (" (FAILED)" if n in failed else "")
+                                                    for n in names) + f"; {total:.0f} s in all."]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print("\n" + text)
+    print(f"[all] wrote {out}; {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; {total:.0f} s in all",
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_bench(cli: argparse.Namespace) -> list[dict]:
+    if cli.bench == "mfu":
+        return bench_mfu(cli.steps, cli.warmup, cli.dtypes, cli.models)
+    if cli.bench == "fsdp":
+        return bench_fsdp(cli.ranks, cli.steps, cli.warmup, cli.rounds, cli.dim, cli.layers, cli.batch, cli.seq,
+                          cli.micro, cli.profile)
+    if cli.bench == "tp":
+        return bench_tp(cli.ranks, cli.reps, cli.warmup, cli.dim, cli.layers, cli.batch, cli.seq, cli.op_reps,
+                        not cli.no_op_shapes)
+    if cli.bench == "float8":
+        return bench_float8(cli.M, cli.reps, cli.warmup, cli.compile, cli.shape_div)
+    if cli.bench == "checkpoint":
+        return bench_checkpoint(cli.ranks, cli.reps, cli.dim, cli.layers, cli.vocab, cli.steps, cli.step_reps,
+                                cli.batch, cli.seq, cli.tmp)
+    if cli.bench == "pp":
+        return bench_pp(cli.ranks, cli.micro, cli.reps, cli.warmup, cli.dim, cli.layers, cli.batch, cli.seq)
+    if cli.bench == "cp":
+        return bench_cp(cli.budget_seq, cli.budget_mib, cli.cps, cli.rotates, cli.seq, cli.reps, cli.warmup,
+                        cli.time_cp, cli.parts)
+    raise ValueError(f"unknown bench {cli.bench!r}; choose one of {list(BENCHES)}")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
     mfu = sub.add_parser("mfu", help="single-process training MFU and step-time breakdown")
     mfu.add_argument("--steps", type=int, default=10)
     mfu.add_argument("--warmup", type=int, default=3)
     mfu.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(train.DTYPES))
+    mfu.add_argument("--models", nargs="+", default=["debug", "wide"], choices=["debug", "wide"],
+                     help="debug: dim 256; wide: dim 1024 (4 layers each)")
     fs = sub.add_parser("fsdp", help="ours vs PyTorch FSDP2 on gloo ranks: step time, memory, bytes")
     fs.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     fs.add_argument("--steps", type=int, default=4, help="timed steps per round")
@@ -2013,6 +2239,8 @@ def main() -> None:
     f8.add_argument("--reps", type=int, default=None, help="timed interleaved reps (default 20 on CUDA, 3 on CPU)")
     f8.add_argument("--warmup", type=int, default=None, help="untimed runs per impl first (default 3 on CUDA, 1 on CPU)")
     f8.add_argument("--compile", action="store_true", help="wrap every impl in torch.compile (slow to compile on CPU)")
+    f8.add_argument("--shape-div", type=int, default=1, help="divide every K and N by this (a smoke test; 1 = the "
+                                                              "8B shapes)")
     ck = sub.add_parser("checkpoint", help="ours vs torch.distributed.checkpoint on FSDP-sharded state: save/load "
                                            "time, bytes on disk; blocking vs async save: training stall")
     ck.add_argument("--ranks", type=int, nargs="+", default=[2, 1], help="1 = one process, unsharded model")
@@ -2048,26 +2276,30 @@ def main() -> None:
     cpp.add_argument("--time-cp", type=int, default=4, choices=[2, 4], help="largest cp in the step-time comparison")
     cpp.add_argument("--parts", nargs="+", default=["memory", "time"], choices=["memory", "time"],
                      help="the memory search, the step-time comparison (with PyTorch's CP), or both")
+    al = sub.add_parser("all", help="every bench above with its default arguments, one after another; one summary "
+                                    "table of their headline figures, written to --out and printed")
+    al.add_argument("--out", default=None, help="the summary file (default: bench_all.md in the repo root; with "
+                                                "--quick runs/bench_all_quick.md, with --only runs/bench_all_only.md, "
+                                                "so a trial never overwrites the figures)")
+    al.add_argument("--only", nargs="+", choices=list(BENCHES), default=None, help="run these benches only (a trial)")
+    al.add_argument("--quick", action="store_true", help="smoke-test sizes (QUICK_ARGS): checks that everything "
+                                                         "runs; the file says so, its numbers are not figures")
+    return parser
+
+
+def main() -> int:
+    parser = _parser()
     cli = parser.parse_args()
-    if cli.bench == "mfu":
-        bench_mfu(cli.steps, cli.warmup, cli.dtypes)
-    elif cli.bench == "fsdp":
-        bench_fsdp(cli.ranks, cli.steps, cli.warmup, cli.rounds, cli.dim, cli.layers, cli.batch, cli.seq,
-                   cli.micro, cli.profile)
-    elif cli.bench == "tp":
-        bench_tp(cli.ranks, cli.reps, cli.warmup, cli.dim, cli.layers, cli.batch, cli.seq, cli.op_reps,
-                 not cli.no_op_shapes)
-    elif cli.bench == "float8":
-        bench_float8(cli.M, cli.reps, cli.warmup, cli.compile)
-    elif cli.bench == "checkpoint":
-        bench_checkpoint(cli.ranks, cli.reps, cli.dim, cli.layers, cli.vocab, cli.steps, cli.step_reps, cli.batch,
-                         cli.seq, cli.tmp)
-    elif cli.bench == "pp":
-        bench_pp(cli.ranks, cli.micro, cli.reps, cli.warmup, cli.dim, cli.layers, cli.batch, cli.seq)
-    elif cli.bench == "cp":
-        bench_cp(cli.budget_seq, cli.budget_mib, cli.cps, cli.rotates, cli.seq, cli.reps, cli.warmup, cli.time_cp,
-                 cli.parts)
+    if cli.bench != "all":
+        _run_bench(cli)
+        return 0
+    names = [n for n in BENCHES if cli.only is None or n in cli.only]
+    root = os.path.dirname(os.path.abspath(__file__))
+    out = cli.out or (os.path.join(root, "runs", "bench_all_quick.md") if cli.quick else
+                      os.path.join(root, "runs", "bench_all_only.md") if cli.only else
+                      os.path.join(root, "bench_all.md"))
+    return bench_all(parser, names, cli.quick, out, "python " + " ".join(sys.argv))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
