@@ -47,10 +47,12 @@ f = F / tp, h = H / tp heads, V vocabulary):
     T V/tp a, the loss's float32 softmax T V/tp 4. RoPE tables S/cp hd 4 and token ids
     8 T. Forward peak under checkpointing: what the blocks before kept plus the running
     block's working set T (4 f + 2 D) a + n D a.
-    Not modelled: float8 keeps e4m3 copies of linear inputs and weights instead of the
-    inputs (tensorwise; measured 1.06x over on the test model); under context parallel
-    the estimate runs low (0.88-0.93 of the measured growth; with tp and checkpointing
-    0.67-0.85), which the report says.
+    FSDP adds gathered parameters (fsdp_gathered): the root unit from forward to backward
+    (every unit without reshard_after_forward), and the running and prefetched units.
+    Measured against this (tests/test_planner.py): 0.94-1.06 of the real growth over 17
+    layouts, most within 1%. Not modelled: float8 keeps e4m3 copies of linear inputs and
+    weights instead of the inputs (tensorwise: 1.06x over on the test model); without
+    sequence parallel a TP rank keeps one more D-wide tensor per block (0.94).
 """
 
 from __future__ import annotations
@@ -403,6 +405,23 @@ def memory(cfg: train.Config, plan: train.Plan, par: train.Parallelized, coords:
             "optimizer": opt, "optimizer_formula": opt_formula, "W": W, "master": master}
 
 
+def fsdp_gathered(cfg: train.Config, state) -> dict:
+    """Bytes of full (gathered) parameters FSDP holds on a stage. `kept`: from the end of
+    forward to backward (the root unit: embeddings, final norm, output; every block unit
+    too without reshard_after_forward). `running`: what a running block adds under
+    reshard_after_forward (its own gather and the next unit's, prefetched). A gathered
+    parameter is its padded block of W ceil(rows / W) rows in the gather dtype."""
+    if state is None:
+        return {"kept": 0, "running": 0}
+    gather = 2 if cfg.training.dtype == "bfloat16" else (8 if cfg.training.dtype == "float64" else 4)
+
+    def full(unit) -> int:
+        return sum(unit.world * n * gather for n in unit.numels)
+    kept = sum(full(u) for u in state.units if not u.reshard_after_forward)
+    running = sorted((full(u) for u in state.units if u.reshard_after_forward), reverse=True)[:2]
+    return {"kept": kept, "running": sum(running)}
+
+
 def activations(cfg: train.Config, plan: train.Plan, stage) -> dict:
     """Bytes one micro-batch keeps from forward to backward on one stage (module
     docstring), and the forward's peak: under checkpointing the block being run holds
@@ -428,7 +447,8 @@ def activations(cfg: train.Config, plan: train.Plan, stage) -> dict:
     op_block = n * D * a + T * (2 * q + 2 * k + 2 * D + 2 * f) * a + T * h * a32  # matmul + attention outputs
     working = T * (4 * f + 2 * D) * a + n * D * a  # SwiGLU's 4 f-wide tensors, norm output, h, one temporary
     # RoPE tables (float32, one row per local position) and, on the first stage, the ids.
-    kept, peak = cfg.data.seq_len // cp * args.head_dim * a32 + (T * 8 if stage.tok_embeddings is not None else 0), 0
+    kept = cfg.data.seq_len // cp * args.head_dim * a32 + (T * 8 if stage.tok_embeddings is not None else 0)
+    peak = kept  # the most kept while a block runs
     for block in stage.layers.values():
         if ac.mode == "full" or ac.mode == "selective" and ac.selective_option != "op" \
                 and (block.layer_id + 1) % ac.selective_option == 0:
@@ -438,10 +458,12 @@ def activations(cfg: train.Config, plan: train.Plan, stage) -> dict:
             kept += op_block
         else:
             kept += full_block
+        peak = max(peak, kept)
+    blocks_peak = peak
     if stage.output is not None:
         kept += norm + T * D * a + T * V // t * a + T * V // t * a32  # norm, output input, logits, softmax
-    return {"kept": kept, "peak": max(peak, kept), "full_block": full_block, "op_block": op_block,
-            "tokens": T, "working": working}
+    return {"kept": kept, "peak": max(peak, kept), "blocks_peak": blocks_peak, "full_block": full_block,
+            "op_block": op_block, "tokens": T, "working": working}
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,6 +524,8 @@ class Report:
     comm: Comm
     logged: Comm
     bubble: dict | None
+    fsdp: dict  # stage -> FSDP state
+    fsdp_held: dict  # stage -> fsdp_gathered()
     float8_linears: int
     build_s: float
 
@@ -521,8 +545,9 @@ def plan_rank(cfg: train.Config, world_size: int, rank: int = 0) -> Report:
         mem = memory(cfg, plan, par, coords)
         acts = {s: activations(cfg, plan, stage) for s, stage in par.stages.items()}
         n_f8 = sum(isinstance(m, float8.Float8Linear) for m in par.model.modules())
+        held = {s: fsdp_gathered(cfg, state) for s, state in par.fsdp_states.items()}
     return Report(cfg, plan, rank, coords, mem, acts, flops(cfg, plan), comm, logged_step_comm(plan, world_size),
-                  bubble(cfg, plan, coords["pp"]), n_f8, build_s)
+                  bubble(cfg, plan, coords["pp"]), par.fsdp_states, held, n_f8, build_s)
 
 
 def _gib(n: float) -> str:
@@ -564,9 +589,11 @@ def format_report(r: Report) -> str:
         out.append(f"  stage {s}: kept {_gib(a['kept'])}, forward peak {_gib(a['peak'])} for T = {a['tokens']:,} "
                    f"tokens (B/m x S/cp); one un-checkpointed block keeps {_gib(a['full_block'])}")
         total += a["kept"]
-    if d["cp"] > 1:
-        out.append("  caution: under context parallel the estimate runs low (tests/test_planner.py measured 0.88-0.93 "
-                   "of the real growth, 0.67-0.85 with tp and checkpointing as well): treat it as a lower bound")
+    for s, state in r.fsdp.items():
+        held = r.fsdp_held[s]
+        out.append(f"  stage {s}: FSDP holds {_gib(held['kept'])} of gathered parameters from forward to backward "
+                   f"(root unit{', every unit: no reshard' if held['running'] == 0 else ''}), "
+                   f"{_gib(held['running'])} more while a block runs (it and the prefetched next)")
     if r.bubble:
         per_stage = r.bubble["in_flight"] / r.bubble["v"]
         out.append(f"  the schedule keeps up to {r.bubble['in_flight']} (stage, micro-batch) forwards in flight on "
