@@ -262,10 +262,13 @@ class Walker:
             elems += n
         return gather, elems
 
-    def _gather(self, s: int, unit) -> None:
-        if unit.full_in_plan:
+    def _gather(self, unit) -> None:
+        """A unit's all-gather, unless it is still unsharded (the root, or any unit without
+        reshard_after_forward, between its forward and the end of a backward)."""
+        if id(unit) in self.gathered:
             return
-        unit.full_in_plan = not unit.reshard_after_forward
+        if not unit.reshard_after_forward:
+            self.gathered.add(id(unit))
         if self.W > 1:
             nbytes, _ = self._unit_bytes(unit)
             self.comm.add("dp_shard_cp", "all_gather", nbytes, "FSDP all-gather: sum ceil(rows/W) cols x b_p")
@@ -282,16 +285,14 @@ class Walker:
         if state is None:
             return
         for unit in state.units:  # the root first, then the blocks in forward order
-            self._gather(s, unit)
-            if unit.reshard_after_forward:
-                unit.full_in_plan = False
+            self._gather(unit)
 
     def fsdp_backward(self, s: int, sync: bool) -> None:
         state = self.par.fsdp_states.get(s)
         if state is None:
             return
         for unit in [state.units[0], *reversed(state.units[1:])]:
-            self._gather(s, unit)  # re-gathered for backward unless still unsharded
+            self._gather(unit)  # re-gathered for backward unless still unsharded
             if sync:
                 _, elems = self._unit_bytes(unit)
                 if self.W > 1:
@@ -300,16 +301,13 @@ class Walker:
                 if self.R > 1:
                     self.comm.add("dp_replicate", "all_reduce", elems * self.fsdp_reduce_bytes,
                                   "HSDP all-reduce: sum ceil(rows/W) cols x b_r")
-        for unit in state.units:  # the end-of-backward callback reshards every unit
-            unit.full_in_plan = False
+        self.gathered -= {id(unit) for unit in state.units}  # the end-of-backward callback reshards all
 
     # -- the step ------------------------------------------------------------------------
 
     def step(self) -> Comm:
-        cfg, p = self.cfg, self.cfg.parallel
-        for state in self.par.fsdp_states.values():
-            for unit in state.units:
-                unit.full_in_plan = False
+        p = self.cfg.parallel
+        self.gathered: set[int] = set()  # ids of the FSDP units holding full parameters now
         stages = self.par.stages
         act = self.b * self.S // (self.t if self.sp else 1) * self.args.dim * self.a_pp
         accum = self.plan.grad_accum
