@@ -41,6 +41,7 @@ import float8
 import fsdp
 import llama
 import tensor_parallel
+import config
 import train
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")
@@ -85,7 +86,7 @@ def _train_setup(args: llama.ModelArgs, dtype: torch.dtype, seed: int = 0):
     llama.init_weights(model, args, seed)
     if dtype == torch.float64:
         model.to(torch.float64)
-    cfg = train.TrainingConfig(lr=1e-3)
+    cfg = config.TrainingConfig(lr=1e-3)
     optimizer = train.build_optimizer(model, cfg)
     return model, optimizer
 
@@ -114,7 +115,7 @@ def bench_mfu(steps: int, warmup: int, dtypes: list[str], models: list[str] = ("
     }
     shapes = {label: shape for label, shape in shapes.items() if label.split()[0] in models}
     rows = []
-    peaks = {name: train.measure_gemm_peak(train.DTYPES[name], reps=10) for name in dtypes}
+    peaks = {name: train.measure_gemm_peak(config.DTYPES[name], reps=10) for name in dtypes}
     print(f"\nMFU, single process, {machine()}, torch {torch.__version__}")
     print("peak = measured 1024^3 GEMM: " + ", ".join(f"{n} {p / 1e9:.0f} GFLOP/s" for n, p in peaks.items()))
     print("\n| model | dtype | params | batch x seq | step median (min) | tokens/s | MFU | matmul | attention | other |")
@@ -122,7 +123,7 @@ def bench_mfu(steps: int, warmup: int, dtypes: list[str], models: list[str] = ("
     for (label, (args, batch, seq)), name in itertools.product(shapes.items(), dtypes):
         peak = peaks[name]
         autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=name == "bfloat16")
-        model, optimizer = _train_setup(args, train.DTYPES[name])
+        model, optimizer = _train_setup(args, config.DTYPES[name])
         tokens = torch.randint(0, args.vocab_size, (batch, seq + 1))
         for _ in range(warmup):
             _step(model, optimizer, tokens, autocast)
@@ -304,7 +305,7 @@ def _fsdp_setup(impl: str, args: llama.ModelArgs, state: dict, world: int):
             if isinstance(m, FSDPModule):  # SUM, as ours: no 1/W (gloo has no AVG / PREMUL_SUM)
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)
-    optimizer = train.build_optimizer(model, train.TrainingConfig(lr=1e-3))
+    optimizer = train.build_optimizer(model, config.TrainingConfig(lr=1e-3))
     if impl == "ours":
         fsdp.check_optimizer(optimizer)
     return model, optimizer
@@ -676,7 +677,7 @@ def _tp_setup(impl: str, args: llama.ModelArgs, state: dict, world: int):
     else:
         tensor_parallel.apply_tp(model, dist.group.WORLD, sequence_parallel=True, loss_parallel=True,
                                  async_tp=impl == "ours async")
-    optimizer = train.build_optimizer(model, train.TrainingConfig(lr=1e-3))
+    optimizer = train.build_optimizer(model, config.TrainingConfig(lr=1e-3))
     return model, optimizer, list(model.parameters())
 
 
@@ -2207,7 +2208,7 @@ def _parser() -> argparse.ArgumentParser:
     mfu = sub.add_parser("mfu", help="single-process training MFU and step-time breakdown")
     mfu.add_argument("--steps", type=int, default=10)
     mfu.add_argument("--warmup", type=int, default=3)
-    mfu.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(train.DTYPES))
+    mfu.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(config.DTYPES))
     mfu.add_argument("--models", nargs="+", default=["debug", "wide"], choices=["debug", "wide"],
                      help="debug: dim 256; wide: dim 1024 (4 layers each)")
     fs = sub.add_parser("fsdp", help="ours vs PyTorch FSDP2 on gloo ranks: step time, memory, bytes")

@@ -72,6 +72,7 @@ import float8
 import llama
 import pipeline
 import tensor_parallel
+import config
 import train
 
 GIB = 2 ** 30
@@ -117,7 +118,7 @@ class Walker:
     """Replays one step of this rank: its micro-steps and pipeline actions, adding what
     every technique issues. Sizes come from the config and the parallelized (meta) model."""
 
-    def __init__(self, cfg: train.Config, plan: train.Plan, par: train.Parallelized, coords: dict):
+    def __init__(self, cfg: config.Config, plan: config.Plan, par: train.Parallelized, coords: dict):
         self.cfg, self.plan, self.par, self.coords = cfg, plan, par, coords
         d = plan.degrees
         self.t, self.cp, self.pp, self.R = d["tp"], d["cp"], d["pp"], d["dp_replicate"]
@@ -131,7 +132,7 @@ class Walker:
         self.b = t.micro_batch_size // self.m  # sequences per (pipeline) micro-batch
         self.S = cfg.data.seq_len // self.cp  # local sequence
         self.args = plan.model_args
-        dtype = train.DTYPES[t.dtype]
+        dtype = config.DTYPES[t.dtype]
         fsdp_on = bool(par.fsdp_states)
         self.master = 8 if dtype == torch.float64 else 4
         bf16 = dtype == torch.bfloat16
@@ -352,7 +353,7 @@ class Walker:
         return self.comm
 
 
-def logged_step_comm(plan: train.Plan, world: int) -> Comm:
+def logged_step_comm(plan: config.Plan, world: int) -> Comm:
     """What a logged step adds: the loss reduced over the data ranks."""
     comm = Comm()
     d = plan.degrees
@@ -365,7 +366,7 @@ def logged_step_comm(plan: train.Plan, world: int) -> Comm:
 # 2. Memory
 
 
-def memory(cfg: train.Config, plan: train.Plan, par: train.Parallelized, coords: dict) -> dict:
+def memory(cfg: config.Config, plan: config.Plan, par: train.Parallelized, coords: dict) -> dict:
     """Parameters, gradients and optimizer state of this rank: counted on the parallelized
     model, and by formula from the global shapes (pipeline split, TP split, FSDP rows)."""
     d, t = plan.degrees, cfg.training
@@ -403,7 +404,7 @@ def memory(cfg: train.Config, plan: train.Plan, par: train.Parallelized, coords:
             "optimizer": opt, "optimizer_formula": opt_formula, "W": W, "master": master}
 
 
-def fsdp_gathered(cfg: train.Config, state) -> dict:
+def fsdp_gathered(cfg: config.Config, state) -> dict:
     """Bytes of full (gathered) parameters FSDP holds on a stage. `kept`: from the end of
     forward to backward (the root unit: embeddings, final norm, output; every block unit
     too without reshard_after_forward). `running`: what a running block adds under
@@ -420,7 +421,7 @@ def fsdp_gathered(cfg: train.Config, state) -> dict:
     return {"kept": kept, "running": sum(running)}
 
 
-def activations(cfg: train.Config, plan: train.Plan, stage) -> dict:
+def activations(cfg: config.Config, plan: config.Plan, stage) -> dict:
     """Bytes one micro-batch keeps from forward to backward on one stage (module
     docstring), and the forward's peak: under checkpointing the block being run holds
     its working set (the SwiGLU's four f-wide tensors, the norm output, h and one D-wide
@@ -468,7 +469,7 @@ def activations(cfg: train.Config, plan: train.Plan, stage) -> dict:
 # 3. FLOPs and the pipeline bubble
 
 
-def flops(cfg: train.Config, plan: train.Plan) -> dict:
+def flops(cfg: config.Config, plan: config.Plan) -> dict:
     """Model FLOPs per step per rank (6 N + 12 L H hd S per token, llama.flops_per_token,
     spread evenly over the ranks) and with checkpointing's recomputed forwards."""
     args, world = plan.model_args, math.prod(plan.degrees.values())
@@ -487,7 +488,7 @@ def flops(cfg: train.Config, plan: train.Plan) -> dict:
     return {"per_token": fpt, "per_rank": per_rank, "recompute": recompute}
 
 
-def bubble(cfg: train.Config, plan: train.Plan, pp_rank: int) -> dict | None:
+def bubble(cfg: config.Config, plan: config.Plan, pp_rank: int) -> dict | None:
     """The schedule's idle fraction (simulated with unit costs F 1, B 2 or I 1 + W 1)
     and the textbook closed form."""
     p = cfg.parallel
@@ -512,8 +513,8 @@ def bubble(cfg: train.Config, plan: train.Plan, pp_rank: int) -> dict | None:
 
 @dataclass
 class Report:
-    cfg: train.Config
-    plan: train.Plan
+    cfg: config.Config
+    plan: config.Plan
     rank: int
     coords: dict
     memory: dict
@@ -528,9 +529,9 @@ class Report:
     build_s: float
 
 
-def plan_rank(cfg: train.Config, world_size: int, rank: int = 0) -> Report:
+def plan_rank(cfg: config.Config, world_size: int, rank: int = 0) -> Report:
     """Everything above for `rank` of a `world_size` layout, under a fake process group."""
-    plan = train.validate(cfg, world_size)
+    plan = config.validate(cfg, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"--rank {rank} is not in [0, {world_size})")
     started = time.perf_counter()
@@ -643,7 +644,7 @@ def main(argv: list[str] | None = None) -> Report:
     cli = parser.parse_args(argv)
     if cli.world_size < 1:
         raise ValueError(f"--world-size {cli.world_size} must be >= 1")
-    cfg = train.load_config(cli.config, cli.overrides)
+    cfg = config.load_config(cli.config, cli.overrides)
     report = plan_rank(cfg, cli.world_size, cli.rank)
     print(format_report(report), flush=True)
     return report

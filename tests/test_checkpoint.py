@@ -66,6 +66,7 @@ import data
 import fsdp
 import llama
 import tensor_parallel
+import config
 import train
 from checkpoint import CheckpointError
 from distributed import run_on_ranks
@@ -103,7 +104,7 @@ SHAPES = {"even": EVEN, "padded": PADDED}  # padded: FSDP-only layouts (TP needs
 # layout -> (dp_replicate, dp_shard, tp), as train.py's [dp_replicate, dp_shard, tp] grid
 LAYOUTS = {"single": (1, 1, 1), "fsdp2": (1, 2, 1), "tp2": (1, 1, 2), "fsdp4": (1, 4, 1),
            "fsdp2xtp2": (1, 2, 2), "hsdp2x2": (2, 2, 1)}
-TC = train.TrainingConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1)
+TC = config.TrainingConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1)
 SAVE_STEP = 7
 
 
@@ -874,8 +875,8 @@ def test_training_starts_from_the_initial_weights(straight, exported, tmp_path):
     exported weights on the first batch (and not the random init's loss)."""
     argv = _argv(tmp_path, f"checkpoint.initial={exported}", "training.steps=2")
     first = train.main(argv)[0]["loss"]
-    cfg = train.load_config(argv[1], argv[2:])
-    args = train.validate(cfg, 1).model_args
+    cfg = config.load_config(argv[1], argv[2:])
+    args = config.validate(cfg, 1).model_args
     model = llama.build_model(args, "cpu")
     llama.init_weights(model, args, 3)
     checkpoint.load_consolidated(exported, model)
@@ -981,7 +982,7 @@ def test_load_into_another_model_or_optimizer(tmp_path):
         ck.load("latest", deeper, None)
     # AdamW state into SGD
     fresh = _build("single", "even", 1)
-    sgd = train.build_optimizer(fresh, train.TrainingConfig(optimizer="sgd", momentum=0.9))
+    sgd = train.build_optimizer(fresh, config.TrainingConfig(optimizer="sgd", momentum=0.9))
     with pytest.raises(CheckpointError, match="AdamW.*SGD"):
         ck.load("latest", fresh, sgd)
     # a consolidated file of another shape

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import config
 import train
 from distributed import run_on_ranks
 
 
-def cfg_of(*overrides: str, path: str | None = "configs/debug.yaml") -> train.Config:
-    return train.load_config(path, list(overrides))
+def cfg_of(*overrides: str, path: str | None = "configs/debug.yaml") -> config.Config:
+    return config.load_config(path, list(overrides))
 
 
 # ---------------------------------------------------------------------------------------
@@ -25,7 +26,7 @@ def test_yaml_and_overrides_typed():
     assert cfg.training.lr == 1e-3 and isinstance(cfg.training.lr, float)
     assert cfg.compile is True
     assert cfg.model.overrides == {"n_layers": 2}
-    assert train.validate(cfg, 1).model_args.n_layers == 2
+    assert config.validate(cfg, 1).model_args.n_layers == 2
     # int accepted where a float is expected, and stored as float
     assert isinstance(cfg_of("training.lr=1").training.lr, float)
 
@@ -37,7 +38,7 @@ def test_every_shipped_config_validates_with_its_layout():
         ("llama3_70b", 256, "pp1 dp1x32 cp1 tp8"),
         ("llama3_405b", 512, "pp8 dp1x8 cp1 tp8"),
     ]:
-        plan = train.validate(cfg_of(path=f"configs/{name}.yaml"), world)
+        plan = config.validate(cfg_of(path=f"configs/{name}.yaml"), world)
         assert plan.layout == layout, name
 
 
@@ -46,9 +47,9 @@ def test_resolved_config_round_trips(tmp_path):
     path = tmp_path / "config.yaml"
     import yaml
 
-    path.write_text(yaml.safe_dump(train.config_to_dict(cfg)))
-    again = train.load_config(str(path), [])
-    assert train.config_to_dict(again) == train.config_to_dict(cfg)
+    path.write_text(yaml.safe_dump(config.config_to_dict(cfg)))
+    again = config.load_config(str(path), [])
+    assert config.config_to_dict(again) == config.config_to_dict(cfg)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +74,7 @@ def test_resolved_config_round_trips(tmp_path):
 )
 def test_bad_keys_and_types_name_the_key(override, words):
     with pytest.raises(ValueError) as err:
-        train.validate(cfg_of(override), 1)
+        config.validate(cfg_of(override), 1)
     for word in words:
         assert word in str(err.value), (word, str(err.value))
 
@@ -109,13 +110,13 @@ def test_bad_keys_and_types_name_the_key(override, words):
 )
 def test_impossible_layouts_are_refused(overrides, world, words):
     with pytest.raises(ValueError) as err:
-        train.validate(cfg_of(*overrides), world)
+        config.validate(cfg_of(*overrides), world)
     for word in words:
         assert word in str(err.value), (word, str(err.value))
 
 
 def test_derived_values():
-    plan = train.validate(cfg_of("training.batch_size=32", "training.micro_batch_size=4",
+    plan = config.validate(cfg_of("training.batch_size=32", "training.micro_batch_size=4",
                                  "parallel.dp_replicate=2", "parallel.tp=2"), 8)
     assert plan.degrees == {"pp": 1, "dp_replicate": 2, "dp_shard": 2, "cp": 1, "tp": 2}
     assert plan.dp_size == 4 and plan.grad_accum == 2 and plan.global_tokens == 32 * 256
@@ -131,7 +132,7 @@ def _reference_groups(degrees: dict, dims: tuple) -> list[list[int]]:
     by_key: dict = {}
     for r in range(world):
         c = train.rank_coords(degrees, r)
-        key = tuple(c[d] for d in train.DIMS if d not in dims)
+        key = tuple(c[d] for d in config.DIMS if d not in dims)
         by_key.setdefault(key, []).append(r)
     return sorted(sorted(g) for g in by_key.values())
 
@@ -154,7 +155,7 @@ def test_group_membership(degrees):
     for r in range(world):
         c = train.rank_coords(degrees, r)
         rebuilt = 0
-        for d in train.DIMS:
+        for d in config.DIMS:
             rebuilt = rebuilt * degrees[d] + c[d]
         assert rebuilt == r
     assert train.rank_coords(degrees, 1)["tp"] == (1 if degrees["tp"] > 1 else 0)
@@ -202,7 +203,7 @@ def test_real_gloo_groups_match_arithmetic():
 
 
 def test_lr_schedule_shapes():
-    t = train.TrainingConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    t = config.TrainingConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert train.lr_at(1, t) == pytest.approx(0.1)
     assert train.lr_at(10, t) == pytest.approx(1.0)
     for decay in ("cosine", "linear", "wsd"):

@@ -40,8 +40,8 @@ the reference is then sharded with the same shard_sequence and compared. What is
     plus step 1's gradient norm within 1e-7 (it sees RoPE at the wrong positions,
     which the 1e-4 criterion does not at this model's near-uniform initial attention);
   * bad input: seq_len not divisible by 2 cp (positions, shard_sequence, apply_cp and
-    train.validate, with and without sequence parallel: ValueError naming the numbers),
-    a non-causal attention_fn, an unknown cp_rotate (apply_cp, train.load_config: the
+    config.validate, with and without sequence parallel: ValueError naming the numbers),
+    a non-causal attention_fn, an unknown cp_rotate (apply_cp, config.load_config: the
     config's choices are context_parallel.ROTATE).
 """
 
@@ -56,6 +56,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import context_parallel as C
+import config
 import llama
 from distributed import run_on_ranks
 
@@ -660,11 +661,10 @@ def test_seq_len_not_divisible_by_2cp():
             fn()
     C.positions(32, 3, 4)  # divisible: fine
 
-    import train
 
     def validate(*overrides, world=4):
         from test_train import TINY
-        return train.validate(train.load_config(os.path.join(ROOT, "configs/debug.yaml"), [*TINY, *overrides]), world)
+        return config.validate(config.load_config(os.path.join(ROOT, "configs/debug.yaml"), [*TINY, *overrides]), world)
 
     with pytest.raises(ValueError, match=r"data.seq_len=36 is not divisible by 2 \* parallel.cp = 8"):
         validate("data.seq_len=36", "parallel.cp=4")
@@ -685,9 +685,8 @@ def test_apply_cp_bad_input():
 
 
 def test_unknown_cp_rotate_in_config():
-    import train
 
-    assert tuple(train.CHOICES["parallel.cp_rotate"]) == C.ROTATE
-    assert train.load_config(None, ["parallel.cp_rotate=allgather"]).parallel.cp_rotate == "allgather"
+    assert tuple(config.CHOICES["parallel.cp_rotate"]) == C.ROTATE
+    assert config.load_config(None, ["parallel.cp_rotate=allgather"]).parallel.cp_rotate == "allgather"
     with pytest.raises(ValueError, match=r"parallel.cp_rotate='ulysses' is not one of \['ring', 'allgather'\]"):
-        train.load_config(None, ["parallel.cp_rotate=ulysses"])
+        config.load_config(None, ["parallel.cp_rotate=ulysses"])

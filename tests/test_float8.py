@@ -32,6 +32,7 @@ from torch import nn
 
 import float8
 import llama
+import config
 import train
 from distributed import run_on_ranks
 
@@ -432,7 +433,7 @@ def test_convert_skips_with_reasons_and_rejects_unknown_recipes():
 
 def test_bad_recipe_in_the_config_names_the_key():
     with pytest.raises(ValueError, match=r"float8\.recipe") as info:
-        train.load_config(os.path.join(ROOT, "configs/debug.yaml"), ["float8.enabled=true", "float8.recipe=blockwise"])
+        config.load_config(os.path.join(ROOT, "configs/debug.yaml"), ["float8.enabled=true", "float8.recipe=blockwise"])
     assert "blockwise" in str(info.value) and "rowwise" in str(info.value)
     with pytest.raises(ValueError, match=r"float8\.recipe='blockwise'"):  # the command line, before any work
         train.main(["--config", os.path.join(ROOT, "configs/debug.yaml"), "float8.recipe=blockwise"])
@@ -605,10 +606,10 @@ def test_fsdp_float8_all_gather_trains_bitwise_the_same(tmp_path):
 
 
 def test_fsdp_float8_all_gather_needs_tensorwise():
-    cfg = train.load_config(os.path.join(ROOT, "configs/debug.yaml"),
+    cfg = config.load_config(os.path.join(ROOT, "configs/debug.yaml"),
                             ["float8.enabled=true", "float8.recipe=rowwise", "float8.fsdp_float8_all_gather=true"])
     with pytest.raises(ValueError, match="fsdp_float8_all_gather.*tensorwise"):
-        train.validate(cfg, 1)
+        config.validate(cfg, 1)
 
 
 # TP 2 and 4 against the single-process float8 run. Every tensorwise amax of a sharded

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fsdp
 import llama
+import config
 import train
 from distributed import run_on_ranks
 
@@ -221,7 +222,7 @@ def _groups(world: int, replicate: int):
 def _step_parity(rank: int, world: int, shape: str, optimizer: str, replicate: int) -> dict:
     args = _args(shape)
     # SGD without weight decay: the parameters then move by their gradients alone.
-    tc = train.TrainingConfig(optimizer=optimizer, lr=1e-2 if optimizer == "adamw" else 2.0, momentum=0.9,
+    tc = config.TrainingConfig(optimizer=optimizer, lr=1e-2 if optimizer == "adamw" else 2.0, momentum=0.9,
                               weight_decay=0.1 if optimizer == "adamw" else 0.0)
     batches = _batches(args, 3)
     ref = _reference(args, torch.float64)
@@ -348,7 +349,7 @@ def test_loss_parity_through_train(tmp_path_factory, name, model_opt, world, lay
 def _memory(rank: int, world: int, shape: str) -> dict:
     args = _args(shape)
     model, state = _sharded(args, torch.float32, dist.group.WORLD)
-    opt = train.build_optimizer(model, train.TrainingConfig(optimizer="adamw", lr=1e-3))
+    opt = train.build_optimizer(model, config.TrainingConfig(optimizer="adamw", lr=1e-3))
     _step(model, _batches(args, 1)[0], 1, rank, world, state)
     opt.step()
     storages, step_bytes, names = {}, 0, set()
@@ -412,7 +413,7 @@ def _comm(rank: int, world: int, replicate: int, param_dtype: str | None, reshar
     model, state = _sharded(args, torch.float32, shard_group, replicate_group=replicate_group,
                             param_dtype=getattr(torch, param_dtype) if param_dtype else None,
                             reshard_after_forward=reshard)
-    opt = train.build_optimizer(model, train.TrainingConfig(optimizer="adamw", lr=1e-3))
+    opt = train.build_optimizer(model, config.TrainingConfig(optimizer="adamw", lr=1e-3))
     batch = _batches(args, 1)[0]
     log, phase = [], ["setup"]
 
@@ -692,9 +693,9 @@ def test_bad_units_optimizer_built_before_sharding_and_a_skipped_backward():
     (["parallel.dp_shard=4", "training.micro_batch_size=4"], 4, "batch_size=8 is not divisible"),
 ])
 def test_degrees_that_do_not_fit_the_world_are_rejected(overrides, world, match):
-    cfg = train.load_config(os.path.join(ROOT, "configs/debug.yaml"), ["training.batch_size=8", *overrides])
+    cfg = config.load_config(os.path.join(ROOT, "configs/debug.yaml"), ["training.batch_size=8", *overrides])
     with pytest.raises(ValueError, match=match):
-        train.validate(cfg, world)
+        config.validate(cfg, world)
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ loss parallel) x pp {none, GPipe, 1F1B, interleaved 1F1B (2 stages per rank), ze
 bubble} (2, 2 micro-batches) x cp {1, 2} x float8 {off, on (tensorwise; with FSDP the
 float8 all-gather)} x activation checkpointing {none, full}; selective checkpointing (per
 op, every 2nd block) on the layouts of at most 2 ranks and the 4D layout. What needs
-more than 16 ranks (HSDP x TP x PP x CP = 32) is left out; what train.validate refuses
+more than 16 ranks (HSDP x TP x PP x CP = 32) is left out; what config.validate refuses
 (zero bubble with FSDP / CP / async TP / float8 / checkpointing, async TP with float8)
 is asserted to be refused with the clash named. Everything else runs 3 SGD steps
 (momentum: a wrong gradient scale shows) in one set of ranks per world size, train.main
@@ -30,6 +30,7 @@ from typing import NamedTuple
 import pytest
 
 import data
+import config
 import train
 from distributed import run_on_ranks
 
@@ -122,7 +123,7 @@ class Combo(NamedTuple):
         return out + AC[self.ac]
 
     def clashes(self) -> list[str]:
-        """What train.validate names when it refuses this combination; empty: it runs.
+        """What config.validate names when it refuses this combination; empty: it runs.
         The async-TP-with-float8 check comes before the zero-bubble one, so it is the
         only one named when both apply."""
         if self.tp == "async" and self.float8:
@@ -256,7 +257,7 @@ def _bound(c: Combo) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# 1. What is refused is refused by train.validate, naming the clash
+# 1. What is refused is refused by config.validate, naming the clash
 
 
 def test_the_matrix_covers_the_product():
@@ -267,12 +268,12 @@ def test_the_matrix_covers_the_product():
 
 
 def test_refused_combinations_are_refused_by_validate():
-    """Each refused combination: train.validate raises ValueError naming every clash (a
+    """Each refused combination: config.validate raises ValueError naming every clash (a
     combination that runs is validated by train.main itself, in test_matrix)."""
     for c in REFUSED:
-        cfg = train.load_config(os.path.join(ROOT, "configs/debug.yaml"), SETUP + c.overrides())
+        cfg = config.load_config(os.path.join(ROOT, "configs/debug.yaml"), SETUP + c.overrides())
         with pytest.raises(ValueError) as e:
-            train.validate(cfg, c.world)
+            config.validate(cfg, c.world)
         for clash in c.clashes():
             assert clash in str(e.value), (str(c), clash, str(e.value))
 
@@ -391,7 +392,7 @@ def table() -> str:
     lines += [
         "",
         f"{len(ran)} of {len(RUNS)} runnable combinations run, {STEPS} steps each; {len(REFUSED)} refused by "
-        f"`train.validate` ({len(MATRIX)} in all; the {len(OVER_16)} combinations of HSDP x TP x PP x CP need 32 "
+        f"`config.validate` ({len(MATRIX)} in all; the {len(OVER_16)} combinations of HSDP x TP x PP x CP need 32 "
         f"ranks). Largest relative difference from the single-process run: float32 "
         f"{worst([c for c in ran if not c.float8])} (bound {FLOAT32_BOUND:.0e}); float8 (against the float8 run "
         f"with the same micro-batches) {worst([c for c in ran if c.float8 and c.cp == 1])} (bound "

@@ -42,7 +42,7 @@ What is proved (nothing here only checks that it ran):
   * stages: split_layers even / uneven / explicit, build_stages keeps the model's names,
     embeddings only on stage 0, norm / output only on the last, Stages.named_parameters
     has no prefix;
-  * bad input: ValueErrors naming the keys and numbers (pipeline and train.validate);
+  * bad input: ValueErrors naming the keys and numbers (pipeline and config.validate);
     one strict xfail documents a bug: negative parallel.pp_microbatches with gpipe is not
     refused (and build_schedule('gpipe', pp, 0) is an empty schedule).
 """
@@ -59,6 +59,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import config
 import llama
 import pipeline
 from distributed import run_on_ranks
@@ -729,12 +730,11 @@ def test_pp_fsdp_reduce_scatters_once_per_step(tmp_path_factory, name, opt, layo
 
 
 # ---------------------------------------------------------------------------------------
-# 6. Bad input through train.validate
+# 6. Bad input through config.validate
 
 def _cfg(*overrides: str):
-    import train
 
-    return train.load_config(os.path.join(ROOT, "configs/debug.yaml"), list(overrides))
+    return config.load_config(os.path.join(ROOT, "configs/debug.yaml"), list(overrides))
 
 
 @pytest.mark.parametrize("overrides, world, words", [
@@ -770,25 +770,22 @@ def _cfg(*overrides: str):
     (["parallel.pp=2", "parallel.pp_split_points=[true]"], 2, ["parallel.pp_split_points=[True]", "layer indices"]),
 ])
 def test_validate_rejects_pipeline_configs(overrides, world, words):
-    import train
 
     with pytest.raises(ValueError) as err:
-        train.validate(_cfg(*overrides), world)
+        config.validate(_cfg(*overrides), world)
     for word in words:
         assert word in str(err.value), (word, str(err.value))
 
 
 def test_nonpositive_microbatches_are_refused():
-    import train
 
     with pytest.raises(ValueError, match="pp_microbatches=-1"):
-        train.validate(_cfg("parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_microbatches=-1"), 2)
+        config.validate(_cfg("parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_microbatches=-1"), 2)
     with pytest.raises(ValueError):
         pipeline.build_schedule("gpipe", 2, 0)
 
 
 def test_validate_accepts_what_the_pipeline_can_run():
-    import train
 
     ok = [
         (["parallel.pp=2", "parallel.pp_schedule=zero_bubble"], 2, "pp2 dp1x1 cp1 tp1"),
@@ -801,4 +798,4 @@ def test_validate_accepts_what_the_pipeline_can_run():
          "pp2 dp1x2 cp1 tp2"),
     ]
     for overrides, world, layout in ok:
-        assert train.validate(_cfg(*overrides), world).layout == layout, overrides
+        assert config.validate(_cfg(*overrides), world).layout == layout, overrides

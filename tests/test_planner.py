@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 
 import pytest
@@ -28,6 +27,7 @@ import torch.distributed as dist
 
 import llama
 import planner
+import config
 import train
 from distributed import run_on_ranks
 
@@ -155,7 +155,7 @@ def _measure(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
 
 
 def _predicted(argv: list[str], world: int, rank: int) -> dict:
-    cfg = train.load_config(argv[1], argv[2:])
+    cfg = config.load_config(argv[1], argv[2:])
     report = planner.plan_rank(cfg, world, rank)
     calls = report.comm.calls + report.logged.calls
     nbytes = report.comm.bytes + report.logged.bytes
@@ -220,8 +220,8 @@ ACT_LAYOUTS = [
 def test_activation_estimate_within_15_percent(name, world, rank, overrides):
     import bench  # its allocator-independent live-bytes tally
 
-    cfg = train.load_config(os.path.join(ROOT, "configs/debug.yaml"), ACT_MODEL + overrides)
-    plan = train.validate(cfg, world)
+    cfg = config.load_config(os.path.join(ROOT, "configs/debug.yaml"), ACT_MODEL + overrides)
+    plan = config.validate(cfg, world)
     d = plan.degrees
     with planner.fake_world(world, rank):
         groups = train.build_groups(d, rank)
@@ -290,13 +290,13 @@ def test_parameters_add_up_over_the_ranks():
     overrides = ["model.dim=64", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "model.vocab_size=512",
                  "parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=2", "parallel.dp_replicate=2",
                  "training.micro_batch_size=2", "parallel.pp_microbatches=2"]
-    cfg = train.load_config(os.path.join(ROOT, "configs/debug.yaml"), overrides)
+    cfg = config.load_config(os.path.join(ROOT, "configs/debug.yaml"), overrides)
     total = 0
     for rank in range(16):
         report = planner.plan_rank(cfg, 16, rank)
         if report.coords["dp_replicate"] == 0:
             total += report.memory["elements"]
-    args = train.validate(cfg, 16).model_args
+    args = config.validate(cfg, 16).model_args
     norms = (2 * args.n_layers + 1) * args.dim
     assert total == llama.num_params(args) + (2 - 1) * norms
 

@@ -33,7 +33,7 @@ compares with it; nothing here only checks that it ran. What is shown:
     for SP / loss parallel / async TP / tp 2 and 4 / FSDP x TP, each optimizer on both
     TP degrees;
   * bad input: the errors of apply_tp, of a sequence that SP cannot split, and of
-    train.validate.
+    config.validate.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import float8
+import config
 import llama
 import tensor_parallel as tp
 from distributed import run_on_ranks
@@ -762,9 +763,8 @@ def test_apply_tp_rejects_what_it_cannot_split():
 
 
 def _cfg(*overrides: str):
-    import train
 
-    return train.load_config(os.path.join(ROOT, "configs/debug.yaml"), [*HEADS, *overrides])
+    return config.load_config(os.path.join(ROOT, "configs/debug.yaml"), [*HEADS, *overrides])
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -777,17 +777,15 @@ def _cfg(*overrides: str):
     (["parallel.tp=4", "parallel.async_tp=true", "float8.enabled=true"], r"async_tp=true with float8.enabled=true"),
 ])
 def test_validate_rejects_tp_configs(overrides, match):
-    import train
 
     with pytest.raises(ValueError, match=match):
-        train.validate(_cfg(*overrides), 4)
+        config.validate(_cfg(*overrides), 4)
 
 
 def test_validate_accepts_what_tp_can_split():
     """The fixes the messages suggest are accepted: no SP lifts the sequence rule; async
     TP with SP and without float8 is fine; TP x FSDP fills the world."""
-    import train
 
-    assert train.validate(_cfg("parallel.tp=4", "data.seq_len=30", "parallel.sequence_parallel=false"), 4)
-    assert train.validate(_cfg("parallel.tp=4", "parallel.async_tp=true"), 4)
-    assert train.validate(_cfg("parallel.tp=2", "training.micro_batch_size=4"), 4).layout == "pp1 dp1x2 cp1 tp2"
+    assert config.validate(_cfg("parallel.tp=4", "data.seq_len=30", "parallel.sequence_parallel=false"), 4)
+    assert config.validate(_cfg("parallel.tp=4", "parallel.async_tp=true"), 4)
+    assert config.validate(_cfg("parallel.tp=2", "training.micro_batch_size=4"), 4).layout == "pp1 dp1x2 cp1 tp2"

@@ -1,0 +1,413 @@
+"""The run's configuration: typed dataclasses mirrored one to one by the YAML sections,
+dotted command-line overrides, and `validate`, which stops an impossible run before
+any work.
+
+    cfg = load_config("configs/debug.yaml", ["training.steps=20", "parallel.tp=2"])
+    plan = validate(cfg, world_size=4)    # the derived values (degrees, accumulation, ...)
+
+An unknown key (with the closest known one), a wrong type, a value outside its choices
+or an impossible layout raises a ValueError naming the key, the values and the fix.
+Nothing is ever adjusted silently. The rules that belong to a technique (tp must divide
+the heads, seq_len must split into 2 x cp chunks, ...) live in that technique's file as
+a `check_*` function, which its `apply_*` calls too: each rule is written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+
+import context_parallel
+import float8
+import llama
+import pipeline
+
+# ---------------------------------------------------------------------------------------
+# 1. Config: typed dataclasses, mirrored one to one by the YAML sections
+
+
+@dataclass
+class ModelConfig:
+    name: str = "debug"  # a preset in llama.PRESETS
+    # Any llama.ModelArgs field may also be given here (e.g. model.n_layers: 2); they are
+    # kept in `overrides`, type-checked against ModelArgs.
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "builtin"  # builtin, or a path / glob of .txt, .jsonl, .bin
+    tokenizer: str = "builtin"  # builtin, or a tiktoken ranks file (Llama 3 tokenizer.model)
+    seq_len: int = 256
+    cache_dir: str = ".cache/data"  # tokenized builtin / text datasets are cached here
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 300
+    batch_size: int = 16  # global sequences per optimizer step
+    micro_batch_size: int = 8  # sequences per rank per forward
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    decay: str = "cosine"  # cosine | linear | wsd (warmup-stable-decay)
+    wsd_decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    max_norm: float = 1.0  # gradient clipping by global norm; <= 0 disables clipping
+    optimizer: str = "adamw"  # adamw | sgd
+    weight_decay: float = 0.1  # on matrices only, not on norms
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.0  # sgd
+    seed: int = 0
+    dtype: str = "bfloat16"  # compute dtype: bfloat16 | float32 | float64
+    deterministic: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the other degrees leave of the world size
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = True
+    loss_parallel: bool = True
+    async_tp: bool = False
+    cp_rotate: str = "ring"  # ring | allgather: how K/V reach the other context-parallel ranks
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zero_bubble
+    pp_microbatches: int = 0  # 0: one per pipeline stage
+    pp_stages_per_rank: int = 1
+    # First layer of each stage after the first, e.g. [10, 20, 30] for 4 stages of a
+    # 40-layer model (null: even split, earlier stages one layer more when uneven).
+    pp_split_points: list | None = None
+    fsdp_reshard_after_forward: bool = True  # free gathered block params after forward
+    # true: accumulate unsharded gradients over micro-batches and reduce-scatter once
+    # per optimizer step (more memory, 1/accum of the reduce-scatter traffic)
+    fsdp_reduce_per_step: bool = False
+
+
+@dataclass
+class Float8Config:
+    enabled: bool = False
+    recipe: str = "tensorwise"  # tensorwise | rowwise
+    # FSDP gathers the weights of float8 linears already cast to float8 (tensorwise):
+    # half the all-gather bytes of bf16, bitwise the same result.
+    fsdp_float8_all_gather: bool = False
+
+
+@dataclass
+class ActivationCheckpointConfig:
+    mode: str = "none"  # none | full | selective
+    # selective: "op" keeps matmul and attention outputs and recomputes the rest;
+    # an integer k checkpoints every k-th block fully.
+    selective_option: str | int = "op"
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every N steps; 0 = never
+    keep: int = 3
+    async_save: bool = False
+    load: str | None = None  # latest | a path | null
+    # A consolidated state dict (checkpoint.py export, or Meta's consolidated.00.pth) to
+    # start from instead of the random init (fine-tuning); null = random init.
+    initial: str | None = None
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/debug"
+    log_every: int = 10
+    eval_every: int = 100  # 0 = never
+    eval_steps: int = 4  # validation batches per evaluation
+    peak_flops: float = 0.0  # per device, for MFU; 0 = by device name or measured on CPU
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    float8: Float8Config = field(default_factory=Float8Config)
+    activation_checkpoint: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    compile: bool = False  # torch.compile each transformer block
+
+
+CHOICES = {
+    "training.decay": ("cosine", "linear", "wsd"),
+    "training.optimizer": ("adamw", "sgd"),
+    "training.dtype": ("bfloat16", "float32", "float64"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
+    "parallel.cp_rotate": ("ring", "allgather"),
+    "float8.recipe": float8.RECIPES,
+    "activation_checkpoint.mode": ("none", "full", "selective"),
+}
+
+
+def _field_type(cls: type, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _check_type(key: str, value, annotation) -> object:
+    """Return value if it fits the annotation (int accepted for float), else raise."""
+    hint = typing.get_args(annotation) or (annotation,)  # `str | None` -> (str, NoneType)
+    if value is None and type(None) in hint:
+        return None
+    for t in hint:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if t is not float and t is not type(None) and isinstance(value, t):
+            if t is int and isinstance(value, bool):
+                continue
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in hint)
+    raise ValueError(f"config key {key}={value!r} has type {type(value).__name__}; expected {names}")
+
+
+def _unknown_key(key: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    """Set a dotted key (e.g. training.steps) with type checking."""
+    section_name, _, name = key.partition(".")
+    top = {f.name: f for f in dataclasses.fields(Config)}
+    if section_name not in top:
+        raise _unknown_key(key, list(top))
+    if not name:  # a top-level scalar such as `compile`
+        if dataclasses.is_dataclass(getattr(cfg, section_name)):
+            raise ValueError(f"config key {key!r} is a section; give keys under it, e.g. {key}.<name>=...")
+        setattr(cfg, key, _check_type(key, value, _field_type(Config, key)))
+        return
+    section = getattr(cfg, section_name)
+    if not dataclasses.is_dataclass(section):
+        raise ValueError(f"config key {section_name!r} is a value, not a section; cannot set {key!r}")
+    if section_name == "model" and name != "name":
+        arg_fields = {f.name: f for f in dataclasses.fields(llama.ModelArgs)}
+        if name not in arg_fields:
+            raise _unknown_key(key, ["model.name"] + [f"model.{n}" for n in arg_fields])
+        section.overrides[name] = _check_type(key, value, _field_type(llama.ModelArgs, name))
+        return
+    names = {f.name for f in dataclasses.fields(section)}
+    if name not in names:
+        raise _unknown_key(key, [f"{section_name}.{n}" for n in names])
+    value = _check_type(key, value, _field_type(type(section), name))
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ValueError(f"config key {key}={value!r} is not one of {list(CHOICES[key])}")
+    setattr(section, name, value)
+
+
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"training": {"steps": 20}} -> {"training.steps": 20}"""
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def load_config(path: str | None, overrides: list[str]) -> Config:
+    """YAML file, then `key=value` overrides (values parsed as YAML: 20, true, null, 1e-3)."""
+    cfg = Config()
+    if path is not None:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: expected a mapping of sections at the top level")
+        for key, value in _flatten(tree).items():
+            _set(cfg, key, value)
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ValueError(f"command-line override {item!r} must look like key=value, e.g. training.steps=20")
+        _set(cfg, key.strip(), yaml.safe_load(raw))
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    tree = dataclasses.asdict(cfg)
+    tree["model"] = {"name": cfg.model.name, **cfg.model.overrides}
+    return tree
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Validation: everything that can be known before any work
+
+
+DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # world rank layout, tp innermost
+
+
+def resolve_degrees(p: ParallelConfig, world_size: int) -> dict[str, int]:
+    """The five degrees, with dp_shard = -1 resolved. Raises unless they multiply to the world."""
+    degrees = {d: getattr(p, d) for d in DIMS}
+    for d, n in degrees.items():
+        if n < 1 and not (d == "dp_shard" and n == -1):
+            raise ValueError(f"parallel.{d}={n} must be >= 1" + (" (or -1 for the rest)" if d == "dp_shard" else ""))
+    others = math.prod(n for d, n in degrees.items() if d != "dp_shard")
+    if degrees["dp_shard"] == -1:
+        if world_size % others:
+            raise ValueError(
+                f"world size {world_size} is not divisible by pp*dp_replicate*cp*tp = {others}; "
+                f"change the degrees or the number of processes"
+            )
+        degrees["dp_shard"] = world_size // others
+    if math.prod(degrees.values()) != world_size:
+        layout = " x ".join(f"{d}={n}" for d, n in degrees.items())
+        raise ValueError(
+            f"parallel degrees {layout} multiply to {math.prod(degrees.values())}, but the world size is "
+            f"{world_size}; set parallel.dp_shard=-1 or make the product equal the number of processes"
+        )
+    return degrees
+
+
+@dataclass
+class Plan:
+    """Values derived from the config, computed once here and logged."""
+    degrees: dict[str, int]
+    dp_size: int  # data-parallel degree = dp_replicate * dp_shard (ranks seeing different data)
+    grad_accum: int  # micro-steps per optimizer step
+    global_tokens: int  # tokens per optimizer step: the loss denominator
+    model_args: llama.ModelArgs
+
+    @property
+    def layout(self) -> str:
+        d = self.degrees
+        return f"pp{d['pp']} dp{d['dp_replicate']}x{d['dp_shard']} cp{d['cp']} tp{d['tp']}"
+
+
+def validate(cfg: Config, world_size: int) -> Plan:
+    t, p = cfg.training, cfg.parallel
+    degrees = resolve_degrees(p, world_size)
+    try:
+        args = llama.model_args(cfg.model.name, **cfg.model.overrides)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    if args.dim % args.n_heads:
+        raise ValueError(f"model.dim={args.dim} is not divisible by model.n_heads={args.n_heads}")
+    if args.head_dim % 2:
+        raise ValueError(f"head dim {args.head_dim} (model.dim / model.n_heads) must be even for RoPE")
+    if args.n_heads % args.kv_heads:
+        raise ValueError(f"model.n_heads={args.n_heads} is not divisible by model.n_kv_heads={args.kv_heads}")
+    for name in ("steps", "batch_size", "micro_batch_size"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"training.{name}={getattr(t, name)} must be >= 1")
+    if cfg.data.seq_len < 1 or cfg.data.seq_len > args.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} must be in [1, model.max_seq_len={args.max_seq_len}]")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        raise ValueError(f"training.warmup_steps={t.warmup_steps} must be in [0, training.steps={t.steps}]")
+    if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
+        raise ValueError(f"training.lr={t.lr} must be > 0 and training.min_lr_ratio={t.min_lr_ratio} in [0, 1]")
+    if not 0 < t.wsd_decay_fraction <= 1:
+        raise ValueError(f"training.wsd_decay_fraction={t.wsd_decay_fraction} must be in (0, 1]")
+
+    tp, cp, pp = degrees["tp"], degrees["cp"], degrees["pp"]
+    if args.n_heads % tp or args.kv_heads % tp:
+        raise ValueError(
+            f"parallel.tp={tp} must divide model.n_heads={args.n_heads} and model.n_kv_heads={args.kv_heads} "
+            f"(each TP rank holds whole heads); pick tp from the common divisors"
+        )
+    if tp > 1:
+        for what, size in (("model.vocab_size", args.vocab_size), ("the FFN hidden dim (model.dim, "
+                           "ffn_dim_multiplier, multiple_of)", args.ffn_dim)):
+            if size % tp:
+                raise ValueError(f"parallel.tp={tp} must divide {what} = {size} (tensor parallel splits it)")
+        if p.sequence_parallel and cfg.data.seq_len % (tp * (2 * cp if cp > 1 else 1)):
+            need = tp * (2 * cp if cp > 1 else 1)
+            raise ValueError(
+                f"data.seq_len={cfg.data.seq_len} is not divisible by {need} (parallel.tp={tp}"
+                f"{f' x 2 x parallel.cp={cp}' if cp > 1 else ''}): sequence parallel splits each sequence "
+                f"over the tp ranks; change data.seq_len or set parallel.sequence_parallel=false"
+            )
+        if p.async_tp and not p.sequence_parallel:
+            raise ValueError("parallel.async_tp=true needs parallel.sequence_parallel=true (async TP overlaps the "
+                             "sequence all-gather / reduce-scatter, which exist only with sequence parallel)")
+        if p.async_tp and cfg.float8.enabled:
+            raise ValueError("parallel.async_tp=true with float8.enabled=true: the async TP ring runs plain "
+                             "matmuls, not float8 ones; turn one of them off")
+    if cfg.float8.fsdp_float8_all_gather and cfg.float8.recipe != "tensorwise":
+        raise ValueError(f"float8.fsdp_float8_all_gather=true needs float8.recipe=tensorwise (got "
+                         f"{cfg.float8.recipe!r}): rowwise weights are gathered in high precision")
+    if p.cp_rotate not in context_parallel.ROTATE:
+        raise ValueError(f"parallel.cp_rotate={p.cp_rotate!r} is not one of {list(context_parallel.ROTATE)}")
+    if cp > 1 and cfg.data.seq_len % (2 * cp):
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} is not divisible by 2 * parallel.cp = {2 * cp} "
+            f"(load-balanced context parallel cuts the sequence into 2*cp chunks)"
+        )
+    stages = pp * p.pp_stages_per_rank
+    if p.pp_stages_per_rank < 1 or p.pp_microbatches < 0:
+        raise ValueError(f"parallel.pp_stages_per_rank={p.pp_stages_per_rank} must be >= 1 and "
+                         f"parallel.pp_microbatches={p.pp_microbatches} >= 0 (0: one per pipeline rank)")
+    if pp > 1 and args.n_layers < stages:
+        raise ValueError(
+            f"model.n_layers={args.n_layers} is fewer than the pipeline stages "
+            f"parallel.pp * parallel.pp_stages_per_rank = {pp} * {p.pp_stages_per_rank} = {stages}"
+        )
+    if pp > 1:
+        pipeline.check_schedule_args(p.pp_schedule, pp, p.pp_microbatches or pp, p.pp_stages_per_rank)
+        if p.pp_split_points is not None:
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in p.pp_split_points):
+                raise ValueError(f"parallel.pp_split_points={p.pp_split_points} must be a list of layer indices")
+            pipeline.split_layers(args.n_layers, stages, p.pp_split_points)
+        if p.pp_schedule == "zero_bubble":
+            clash = [what for what, on in (
+                ("FSDP (dp_shard / dp_replicate / cp > 1)", degrees["dp_shard"] * degrees["dp_replicate"] * cp > 1),
+                ("parallel.async_tp", tp > 1 and p.async_tp), ("float8.enabled", cfg.float8.enabled),
+                ("activation_checkpoint.mode", cfg.activation_checkpoint.mode != "none")) if on]
+            if clash:
+                raise ValueError(f"parallel.pp_schedule=zero_bubble cannot run with {', '.join(clash)}: its weight-"
+                                 f"gradient split computes dW = dy^T x outside autograd, which those produce "
+                                 f"inside their own machinery; use parallel.pp_schedule=1f1b or "
+                                 f"interleaved_1f1b")
+
+    dp_size = degrees["dp_replicate"] * degrees["dp_shard"]
+    per_step = t.micro_batch_size * dp_size
+    if t.batch_size % per_step:
+        raise ValueError(
+            f"training.batch_size={t.batch_size} is not divisible by training.micro_batch_size="
+            f"{t.micro_batch_size} x data-parallel degree {dp_size} (dp_replicate x dp_shard) = {per_step}; "
+            f"make batch_size a multiple of {per_step}"
+        )
+    microbatches = p.pp_microbatches or pp
+    if pp > 1 and t.micro_batch_size % microbatches:
+        raise ValueError(
+            f"training.micro_batch_size={t.micro_batch_size} is not divisible by "
+            f"parallel.pp_microbatches={microbatches}"
+        )
+    if cfg.activation_checkpoint.mode == "selective":
+        option = cfg.activation_checkpoint.selective_option
+        if option != "op" and not (isinstance(option, int) and option >= 1):
+            raise ValueError(
+                f"activation_checkpoint.selective_option={option!r} must be 'op' or a positive integer k "
+                f"(checkpoint every k-th block)"
+            )
+    if cfg.checkpoint.interval < 0 or cfg.checkpoint.keep < 0:
+        raise ValueError(f"checkpoint.interval={cfg.checkpoint.interval} and checkpoint.keep={cfg.checkpoint.keep} "
+                         f"must be >= 0 (interval 0: never save; keep 0: keep every checkpoint)")
+    if cfg.run.log_every < 1 or cfg.run.eval_every < 0 or cfg.run.eval_steps < 1:
+        raise ValueError("run.log_every and run.eval_steps must be >= 1, run.eval_every >= 0")
+    return Plan(degrees, dp_size, t.batch_size // per_step, t.batch_size * cfg.data.seq_len, args)
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
