@@ -2,10 +2,17 @@
 by ring attention (K/V blocks travel around the ring, partial results merged by their
 log-sum-exp), load-balanced so every rank does the same work.
 
+    check_cp_args(cp, seq_len, rotate)                 # the numbers (config.validate calls it too)
     local = shard_sequence(tokens, cp_rank, cp)        # (B, S) -> (B, 2c), c = S / (2 cp)
     pos   = positions(S, cp_rank, cp)                  # the global position of each local token
-    apply_cp(model, cp_group, rotate="ring")           # swaps Attention.attention_fn
+    apply_cp(model, cp_group, S, rotate="ring")        # swaps every module's attention_fn
     logits = model(local, pos)                         # RoPE at the global positions
+
+What the model must have (apply_cp checks it first): modules with a replaceable attribute
+`attention_fn(q, k, v)` computing causal attention, q (B, H, L, hd), k, v (B, Hkv, L, hd);
+apply_cp swaps it on every module that has one (Meta Llama: layers.<i>.attention). The
+model must take the RoPE positions of its tokens as an argument (here: forward(tokens,
+positions)), since a rank's tokens are not contiguous.
 
 Load-balanced layout. The sequence is cut into 2 cp chunks of c = S / (2 cp) tokens;
 rank r holds chunks r and 2cp-1-r, concatenated (cp = 2: rank 0 [0, 3], rank 1 [1, 2]).
@@ -13,7 +20,8 @@ Under the causal mask a query chunk j sees j + 1 key chunks, so rank r's pair se
 (r + 1) + (2cp - r) = 2cp + 1 chunks whatever r: equal work. Inputs, labels (shifted in
 the global order first: the data loader's labels are) and RoPE positions are permuted
 the same way; the loss is a sum over tokens, so it does not care. Needs S % (2 cp) == 0
-(with sequence parallel also divisible by tp).
+(check_cp_args; with sequence parallel, tp must divide S / cp: tensor_parallel.check_tp_args;
+a chunk itself need not divide by tp).
 
 Ring attention (forward), per attention call. Each rank keeps its queries; the packed
 (K, V) of every rank visits it once: at step i it holds rank src = (r - i) mod cp's
@@ -81,8 +89,9 @@ def chunk_ids(cp_rank: int, cp: int) -> tuple[int, int]:
 
 def positions(seq_len: int, cp_rank: int, cp: int, device=None) -> torch.Tensor:
     """Global positions of this rank's tokens: chunks r and 2cp-1-r."""
-    if seq_len % (2 * cp):
-        raise ValueError(f"context parallel: data.seq_len={seq_len} is not divisible by 2 x parallel.cp = {2 * cp}")
+    _check_seq_len(cp, seq_len)
+    if cp == 1:
+        return torch.arange(seq_len, device=device)
     c = seq_len // (2 * cp)
     return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in chunk_ids(cp_rank, cp)])
 
@@ -291,39 +300,61 @@ def ring_attention(q, k, v, *, group: dist.ProcessGroup):
 
 
 # ---------------------------------------------------------------------------------------
-# 5. Applying it to a Llama model
+# 5. The checks, and applying it to a model
 
 ROTATE = ("ring", "allgather")
 
 
-def apply_cp(model: nn.Module, group: dist.ProcessGroup, seq_len: int, rotate: str = "ring") -> None:
-    """Swap every block's attention_fn for the context-parallel one (the model file is not
-    edited). The model must then be called with this rank's shard of the sequence and its
-    positions (shard_sequence, positions)."""
+def check_cp_args(cp: int, seq_len: int, rotate: str) -> None:
+    """Everything context parallelism needs of the numbers (no collective): a known
+    rotate method, and the sequence cut into 2 cp chunks of whole tokens."""
     if rotate not in ROTATE:
-        raise ValueError(f"parallel.cp_rotate={rotate!r} does not exist; choose one of {list(ROTATE)}")
-    cp = dist.get_world_size(group)
+        raise ValueError(f"parallel.cp_rotate={rotate!r} is not one of {list(ROTATE)}")
+    if cp > 1:
+        _check_seq_len(cp, seq_len)
+
+
+def _check_seq_len(cp: int, seq_len: int) -> None:
     if seq_len % (2 * cp):
         raise ValueError(f"context parallel: data.seq_len={seq_len} is not divisible by 2 x parallel.cp = {2 * cp} "
-                         f"(the load-balanced layout cuts each sequence into 2 x cp chunks)")
-    for name, block in model.layers.items():  # check every block before changing any
-        fn = block.attention.attention_fn
-        if not _is_causal(fn):
-            raise ValueError(f"context parallel: layers.{name}.attention.attention_fn is {fn!r}, which does not "
-                             f"compute causal attention; ring attention here implements the causal mask only")
-    for block in model.layers.values():
-        block.attention.attention_fn = (functools.partial(ring_attention, group=group) if rotate == "ring" else
-                                        functools.partial(allgather_attention, group=group, seq_len=seq_len))
+                         f"(the load-balanced layout cuts each sequence into 2 x cp chunks); change data.seq_len "
+                         f"or parallel.cp")
+
+
+def apply_cp(model: nn.Module, group: dist.ProcessGroup, seq_len: int, rotate: str = "ring") -> None:
+    """Swap the attention function of `model` for the context-parallel one (the model file is
+    not edited). The contract: every module of `model` that has an `attention_fn` attribute
+    (Meta Llama: layers.<i>.attention) calls it as attention_fn(q, k, v) with q (B, H, S_local,
+    hd), k, v (B, Hkv, S_local, hd) and plain causal attention in it; none, or one that is
+    not causal, is a ValueError naming it (checked before anything changes). The model must
+    then be called with this rank's shard of the sequence and its positions (shard_sequence,
+    positions), and apply RoPE at those positions."""
+    check_cp_args(dist.get_world_size(group), seq_len, rotate)
+    owners = [(name, m) for name, m in model.named_modules() if hasattr(m, "attention_fn")]
+    if not owners:
+        raise ValueError(f"context parallel: no module of the {type(model).__name__} has an `attention_fn` "
+                         f"attribute to swap for ring attention (llama.Attention has one: a replaceable "
+                         f"attention_fn(q, k, v))")
+    for name, m in owners:  # check every one before changing any
+        if not _is_causal(m.attention_fn):
+            raise ValueError(f"context parallel: {name or 'the model'}.attention_fn is {m.attention_fn!r}, which "
+                             f"does not compute causal attention; ring attention here implements the causal mask "
+                             f"only")
+    for _, m in owners:
+        m.attention_fn = (functools.partial(ring_attention, group=group) if rotate == "ring" else
+                          functools.partial(allgather_attention, group=group, seq_len=seq_len))
 
 
 def _is_causal(fn) -> bool:
     """Whether fn(q, k, v) is plain causal attention: checked on a small random probe
     (with GQA) against F.scaled_dot_product_attention(is_causal=True), not by name."""
+    if getattr(fn, "func", None) in (ring_attention, allgather_attention):
+        return False  # already context-parallel: probing it would issue collectives
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 6, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
     try:
         out = fn(q, k, v)
-    except Exception:  # e.g. an attention already made context-parallel (needs its group)
+    except Exception:  # e.g. an attention that needs arguments the probe does not have
         return False
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return isinstance(out, torch.Tensor) and out.shape == ref.shape and torch.allclose(out, ref, atol=1e-10)

@@ -9,7 +9,10 @@ What it does
         grad_W = go^T @ x       (N, M) x (M, K)
     each run by torch._scaled_mm on float8 operands with float32 dequantization scales,
     the result in the compute dtype. Master weights, optimizer and everything outside
-    these matmuls stay in high precision.
+    these matmuls stay in high precision. Any model: only `type(m) is nn.Linear` modules
+    are swapped (those without bias, dims divisible by 16, not named in `skip`); the
+    others are returned with the reason. `check_float8_args(recipe,
+    fsdp_float8_all_gather)` is the settings check, called by the swap and config.validate.
 
 Formats and scales
     e4m3 (max 448, 3 mantissa bits) carries activations and weights: more precision.
@@ -199,6 +202,16 @@ class Float8Linear(nn.Linear):
         return out.reshape(*shape[:-1], -1)
 
 
+def check_float8_args(recipe: str, fsdp_float8_all_gather: bool) -> None:
+    """Everything the float8 swap needs of the settings (no collective)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"float8.recipe={recipe!r} does not exist; choose one of {list(RECIPES)}")
+    if fsdp_float8_all_gather and recipe != "tensorwise":
+        raise ValueError(f"float8.fsdp_float8_all_gather=true needs float8.recipe=tensorwise (got {recipe!r}): "
+                         f"rowwise weights are gathered in high precision; set float8.recipe=tensorwise or "
+                         f"float8.fsdp_float8_all_gather=false")
+
+
 def convert_to_float8(model: nn.Module, recipe: str = "tensorwise", skip: tuple[str, ...] = ("output",),
                       amax_group: dist.ProcessGroup | None = None, fsdp_float8_all_gather: bool = False,
                       local_shape: Callable[[str, tuple[int, ...]], tuple[int, ...]] | None = None
@@ -207,11 +220,7 @@ def convert_to_float8(model: nn.Module, recipe: str = "tensorwise", skip: tuple[
     weight Parameter. Returns (name, reason) for every linear left in high precision.
     local_shape(name, shape): the weight's shape once a later step (tensor parallel)
     has split it; _scaled_mm's rules apply to that shape."""
-    if recipe not in RECIPES:
-        raise ValueError(f"float8.recipe={recipe!r} does not exist; choose one of {list(RECIPES)}")
-    if fsdp_float8_all_gather and recipe != "tensorwise":
-        raise ValueError(f"float8.fsdp_float8_all_gather=true needs float8.recipe=tensorwise (got {recipe!r}): "
-                         f"rowwise weights are gathered in high precision")
+    check_float8_args(recipe, fsdp_float8_all_gather)
     skipped = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:

@@ -24,9 +24,11 @@ Hooks the parallel techniques use (none of them is imported here)
     * `Attention.attention_fn(q, k, v)` is a replaceable attribute; the default is causal
       `F.scaled_dot_product_attention`. Context parallelism swaps in ring attention.
     * `input_proj_fn(x, linears) -> outputs` (wq/wk/wv of Attention, w1/w3 of FeedForward:
-      the projections that read the same input) and `output_proj_fn(x, linear)` (wo, w2)
-      are replaceable attributes too; the defaults call the linears. Tensor parallelism
-      puts its collectives there (one all-gather for the three of wq/wk/wv, not three).
+      the projections that read the same input), `output_proj_fn(x, linear)` (wo, w2) and
+      the Transformer's `output_fn(h, linear)` (the output projection) are replaceable
+      attributes too; the defaults call the linears. Tensor parallelism puts its
+      collectives there (one all-gather for the three of wq/wk/wv, not three), as named by
+      its plan (tensor_parallel.LLAMA_PLAN), so no forward hook hides a collective.
     * `forward(tokens, positions)` accepts the RoPE position of every token, for a rank
       that holds a non-contiguous piece of the sequence (load-balanced CP).
     * Layout-independent init (`init_weights`): every parameter is filled from random
@@ -202,7 +204,7 @@ def apply_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> list[torch
 
 
 def apply_linear(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
-    """Default output_proj_fn: the projection back into the residual stream (wo, w2)."""
+    """Default output_proj_fn (wo, w2: back into the residual stream) and output_fn."""
     return linear(x)
 
 
@@ -281,6 +283,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
         self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Replaceable, as in Attention (tensor parallelism: the vocabulary-parallel output).
+        self.output_fn: Callable[..., torch.Tensor] = apply_linear
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, S) int64 -> logits (B, S, vocab). On a pipeline stage without
@@ -296,7 +300,7 @@ class Transformer(nn.Module):
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+        return self.output_fn(h, self.output) if self.output is not None else h
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,32 +1,35 @@
 """Pipeline parallelism: Llama split into stages by layers, schedules as data (GPipe,
 1F1B, interleaved 1F1B, zero-bubble ZB-H1), one small runner over isend / irecv.
 
-    stages = build_stages(model_args, pp_rank, pp, stages_per_rank)   # {stage: Transformer}
-    actions = build_schedule("1f1b", pp, microbatches)                 # per rank, with comm
-    print(format_schedule(actions))                                    # the table
-    runner = PipelineRunner(actions[pp_rank], stages, pp_group, ...)
-    loss = runner.step(input_chunks, label_chunks)                     # forward + backward
+    check_stage_args(n_layers, pp, v, None); check_schedule_args("1f1b", pp, m, v)  # config.validate too
+    stages = build_stages(model, pp_rank, pp, v)        # {stage: copy of the model on meta}
+    actions = build_schedule("1f1b", pp, m, v)          # per rank, with comm
+    print(format_schedule(actions))                     # the table
+    runner = PipelineRunner(actions[pp_rank], stages, pp * v, pp_group, loss_fn, act_shape, ...)
+    loss = runner.step(input_chunks, label_chunks)      # forward + backward
 
-Stages. The L layers are cut into n = pp * v stages (v = stages per rank), evenly (the
-first stages get one more layer when L % n != 0) or at explicit split points. Stage 0
-also holds tok_embeddings, stage n-1 the final norm and output. Each stage is a
-llama.Transformer with the other layers deleted from its `layers` ModuleDict, so
-parameter names are the model's own ("layers.17.attention.wq.weight") on every layout:
-initialization and checkpoints do not depend on the split. Placement is looped: stage s
-lives on rank s % pp (rank r holds stages r, r + pp, ...), so with v > 1 a rank's stages
-are not adjacent (Megatron's interleaving).
+Stages. The model's `layers` (an nn.ModuleDict keyed "0", "1", ... in forward order) are cut
+into n = pp * v stages (v = stages per rank), evenly (the first stages get one more layer when
+L % n != 0) or at explicit split points. Stage 0 also holds `tok_embeddings`, stage n-1 `norm`
+and `output`; a stage sets those it does not own to None, so the model's forward must pass the
+hidden state through a missing one and take the RoPE positions as an argument (llama.Transformer
+does). build_stages checks the container first: no `layers`, other keys, or other top-level
+modules or parameters are a ValueError naming them. Each stage is a copy of the model with the
+other layers deleted, so parameter names are the model's own ("layers.17.attention.wq.weight")
+on every layout: init and checkpoints do not depend on the split. Placement is looped: stage s
+lives on rank s % pp (rank r holds stages r, r + pp, ...), so with v > 1 a rank's stages are not
+adjacent (Megatron's interleaving).
 
-Schedules are data. A schedule is a function returning, for every rank, the ordered
-list of its compute actions: F (forward of stage s, micro-batch i), B (backward), and
-for zero-bubble I (backward for the input only) and W (backward for the weights).
-`add_communication` then inserts SEND_F / RECV_F (activations to the next stage) and
-SEND_B / RECV_B (their gradients to the previous stage) mechanically from the same
-global table on every rank: a send right after the action that produces it, the
-receives in the order the peer sends them (NCCL matches point-to-point messages between
-two ranks in issue order, ignoring tags), each posted no later than just before the
-action that needs it. The tables for p = 2 ranks and m = 4 micro-batches, printed by
-`format_schedule(build_schedule(name, 2, 4, v))` (compute only; "sXi" = action X of stage
-s on micro-batch i; F forward, B backward, I / W backward for input / weights):
+Schedules are data. A schedule is a function returning, for every rank, the ordered list of its
+compute actions: F (forward of stage s, micro-batch i), B (backward), and for zero-bubble I
+(backward for the input only) and W (backward for the weights). `add_communication` then inserts
+SEND_F / RECV_F (activations to the next stage) and SEND_B / RECV_B (their gradients to the
+previous stage) mechanically from the same global table on every rank: a send right after the
+action that produces it, the receives in the order the peer sends them (NCCL matches point-to-point
+messages between two ranks in issue order, ignoring tags), each posted no later than just before
+the action that needs it. The tables for p = 2 ranks and m = 4 micro-batches, printed by
+`format_schedule(build_schedule(name, 2, 4, v))` (compute only; "sXi" = action X of stage s on
+micro-batch i; F forward, B backward, I / W backward for input / weights):
 
     [gpipe]
     rank 0 | 0F0 0F1 0F2 0F3 0B0 0B1 0B2 0B3
@@ -41,11 +44,10 @@ s on micro-batch i; F forward, B backward, I / W backward for input / weights):
     rank 0 | 0F0 0F1 0I0 0F2 0I1 0F3 0I2 0W0 0I3 0W1 0W2 0W3
     rank 1 | 1F0 1I0 1F1 1I1 1F2 1I2 1F3 1I3 1W0 1W1 1W2 1W3
 
-The runner executes the list in order: RECV posts an irecv (non-blocking); a run of
-consecutive SEND/RECV actions goes out as one batch_isend_irecv; a compute action waits
-only for its own input. Sends never block, and every rank's receives follow its peers'
-send order, so any schedule whose dependencies are acyclic runs without deadlock on gloo
-and NCCL.
+The runner executes the list in order: RECV posts an irecv (non-blocking); a run of consecutive
+SEND/RECV actions goes out as one batch_isend_irecv; a compute action waits only for its own input.
+Sends never block, and every rank's receives follow its peers' send order, so any schedule whose
+dependencies are acyclic runs without deadlock on gloo and NCCL.
 
 Bubble and memory, with t_F, t_B = t_I + t_W per stage and micro-batch, m micro-batches,
 p ranks, v stages per rank, A = activations of one micro-batch on one rank's layers:
@@ -66,37 +68,38 @@ p ranks, v stages per rank, A = activations of one micro-batch on one rank's lay
                       linear's input and output gradient until they run, up to m micro-
                       batches' worth on rank 0 (the paper places W's by hand to bound
                       this; ours trades that memory for a schedule derived mechanically).
-`simulate` replays a table with unit costs (F = 1, B = 2, I = W = 1, no communication)
-and reports makespan, idle slots and peak in-flight micro-batches per rank; the tests
-check them against the formulas above.
+`simulate` replays a table with unit costs (F = 1, B = 2, I = W = 1, no communication) and reports
+makespan, idle slots and peak in-flight micro-batches per rank; the tests check them against these.
 
-Zero-bubble mechanics. F registers, for every nn.Linear of the stage, the layer input x
-and a hook on its output that captures the output gradient dy. I runs
-torch.autograd.grad from the stage output to the stage input and to the stage's
-non-linear parameters (norms, embedding) only: autograd then skips every linear's
-weight-gradient GEMM. W computes dW = dy^T x for the captured pairs and adds it to the
-weights' .grad. (Not combined with FSDP, async TP, float8 or activation checkpointing:
-there the weight gradient is produced inside other machinery.)
+Zero-bubble mechanics. F registers, for every nn.Linear of the stage, the layer input x and a hook
+on its output that captures the output gradient dy. I runs torch.autograd.grad from the stage
+output to the stage input and to the stage's non-linear parameters (norms, embedding) only:
+autograd then skips every linear's weight-gradient GEMM. W computes dW = dy^T x for the captured
+pairs and adds it to the weights' .grad. With (sync) TP the hooks see each linear's local input and
+output shard: TP's collectives sit outside the linears, in the model's replaceable attributes. (Not
+combined with FSDP, async TP, float8 or activation checkpointing: there the weight gradient is
+produced inside other machinery.)
 
-Loss and gradient scale. Each micro-batch loss is sum(token losses) / tokens in the
-GLOBAL batch (the trainer's loss_fn), and gradients SUM over micro-batches, so a step
-over m micro-batches equals the full-batch step; the runner never rescales. The last
-stage returns the loss sum; the trainer all-reduces it over pp so every rank logs it.
+Loss and gradient scale. Each micro-batch loss is sum(token losses) / tokens in the GLOBAL batch
+(the trainer's loss_fn), and gradients SUM over micro-batches, so a step over m micro-batches
+equals the full-batch step; the runner never rescales. The last stage returns the loss sum; the
+trainer all-reduces it over pp so every rank logs it.
 
-P2P volume per step: each of the m micro-batches crosses v p - 1 stage boundaries
-forward (B_mb x S x D activations, / tp with sequence parallel) and the same backward:
-2 m (v p - 1) B_mb S D bytes-per-element in total, 2 m v B_mb S D per rank at most.
+P2P volume per step: each of the m micro-batches crosses v p - 1 stage boundaries forward
+(B_mb x S x D activations, / tp with sequence parallel) and the same backward: 2 m (v p - 1)
+B_mb S D bytes-per-element in total, 2 m v B_mb S D per rank at most.
 
-With FSDP each stage is its own FSDP model; `grad_sync(stage, last)` is called before
-each backward so gradients are reduce-scattered once per step, on the stage's last
-backward. With TP each stage is tensor-parallel; the activations sent are the TP rank's
-sequence shard, to the same TP rank of the next stage.
+With FSDP each stage is its own FSDP model; `grad_sync(stage, last)` is called before each backward
+so gradients are reduce-scattered once per step, on the stage's last backward. With TP each stage
+is tensor-parallel; the activations sent are the TP rank's sequence shard, to the same TP rank of
+the next stage.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -110,21 +113,34 @@ COMPUTE = ("F", "B", "I", "W")
 # ---------------------------------------------------------------------------------------
 # 1. Stages
 
+def check_stage_args(n_layers: int, pp: int, stages_per_rank: int, split_points: list | None) -> None:
+    """Everything the stage split needs of the numbers (no collective): a layer per stage at
+    least; split_points, the first layers of stages 1..n-1, increasing layer indices."""
+    if stages_per_rank < 1:
+        raise ValueError(f"parallel.pp_stages_per_rank={stages_per_rank} must be >= 1")
+    if pp == 1:
+        return
+    n = pp * stages_per_rank
+    if n_layers < n:
+        raise ValueError(f"pipeline: model.n_layers={n_layers} is fewer than the pipeline stages parallel.pp * "
+                         f"parallel.pp_stages_per_rank = {pp} * {stages_per_rank} = {n}; each stage needs a layer")
+    if split_points is None:
+        return
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in split_points):
+        raise ValueError(f"parallel.pp_split_points={split_points} must be a list of layer indices")
+    bounds = [0, *split_points, n_layers]
+    if len(split_points) != n - 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"pipeline: split points {split_points} (parallel.pp_split_points) must be {n - 1} "
+                         f"increasing layer indices in (0, {n_layers})")
+
+
 def split_layers(n_layers: int, n_stages: int, split_points: list[int] | None = None) -> list[list[int]]:
     """Layer indices of each stage. split_points: the first layer of stages 1..n-1."""
-    if n_stages > n_layers:
-        raise ValueError(f"pipeline: {n_stages} stages (parallel.pp x parallel.pp_stages_per_rank) but only "
-                         f"{n_layers} layers (model.n_layers); every stage needs at least one layer")
-    if split_points is not None:
-        bounds = [0, *split_points, n_layers]
-        if len(split_points) != n_stages - 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
-            raise ValueError(f"pipeline: split points {split_points} must be {n_stages - 1} increasing layer "
-                             f"indices in (0, {n_layers})")
-    else:
-        sizes = [n_layers // n_stages + (1 if s < n_layers % n_stages else 0) for s in range(n_stages)]
-        bounds = [0]
-        for size in sizes:
-            bounds.append(bounds[-1] + size)
+    check_stage_args(n_layers, n_stages, 1, split_points)
+    if split_points is None:  # even; the first L % n stages get one layer more
+        size, extra = divmod(n_layers, n_stages)
+        split_points = list(itertools.accumulate(size + (s < extra) for s in range(n_stages - 1)))
+    bounds = [0, *split_points, n_layers]
     return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
 
 
@@ -147,9 +163,26 @@ def build_stage(model: nn.Module, stage: int, n_stages: int, layers: list[int]) 
     return part
 
 
+def _check_model(model: nn.Module) -> None:
+    """The model contract of build_stages (see the module docstring), as a ValueError."""
+    layers, name = getattr(model, "layers", None), type(model).__name__
+    if not isinstance(layers, nn.ModuleDict):
+        raise ValueError(f"pipeline: the {name} has no `layers` nn.ModuleDict (got {type(layers).__name__})")
+    if list(layers.keys()) != [str(i) for i in range(len(layers))]:
+        raise ValueError(f"pipeline: {name}.layers must be keyed '0', '1', ..., got {list(layers.keys())[:8]}")
+    other = [n for n, _ in [*model.named_children(), *model.named_parameters(recurse=False)]
+             if n not in ("layers", "tok_embeddings", "norm", "output")]
+    if other:
+        raise ValueError(f"pipeline: the {name} has {other} at the top level besides layers, tok_embeddings, "
+                         f"norm and output: no stage would know whether it owns them")
+
+
 def build_stages(model: nn.Module, pp_rank: int, pp: int, stages_per_rank: int = 1,
                  split_points: list[int] | None = None) -> dict[int, nn.Module]:
-    """This rank's stages {stage index: module} of `model` (on meta)."""
+    """This rank's stages {stage index: module} of `model` (on meta), after checking the
+    model's layer container and the numbers."""
+    _check_model(model)
+    check_stage_args(len(model.layers), pp, stages_per_rank, split_points)
     n = pp * stages_per_rank
     split = split_layers(len(model.layers), n, split_points)
     return {s: build_stage(model, s, n, split[s]) for s in range(n) if stage_rank(s, pp) == pp_rank}

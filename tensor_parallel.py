@@ -1,30 +1,38 @@
-"""Tensor parallelism for Llama (Megatron style) on torch.distributed primitives:
-column- and row-parallel linears, sequence parallel, a vocabulary-parallel embedding and
-cross-entropy (loss parallel), and async TP (the all-gather / reduce-scatter cut into a
-ring of point-to-point steps that overlap the matmuls).
+"""Tensor parallelism (Megatron style) on torch.distributed primitives: column- and row-parallel
+linears, sequence parallel, a vocabulary-parallel embedding and cross-entropy (loss parallel), and
+async TP (the all-gather / reduce-scatter cut into a ring of point-to-point steps that overlap the
+matmuls). For any model that follows a plan (below; LLAMA_PLAN for Meta's Llama layout).
 
-    apply_tp(model, tp_group, sequence_parallel=True, loss_parallel=True, async_tp=False)
+    apply_tp(model, tp_group, sequence_parallel=True, loss_parallel=True, async_tp=False,
+             plan=LLAMA_PLAN)                     # checks the model and the numbers first
+    check_tp_args(tp, n_heads, n_kv_heads, sizes, seq_len, sp, async_tp)  # config.validate too
     vocab_parallel_cross_entropy(logits_shard, labels, tp_group) -> per-token loss
     reduce_sequence_parallel_grads(params, tp_group)   # after backward, before clipping
 
-Notation: t = TP degree, r = this rank's index in the tp group, B batch, S sequence, s = S/t,
-D model dim, F FFN hidden dim, V vocabulary. The loss is REPLICATED over the tp group (every
-TP rank computes the same loss), so no gradient is ever summed over tp except where a
-rank holds only part of it (see "Gradients" below).
+Notation: t = TP degree, r = this rank's index in the tp group, B batch, S sequence, s = S/t, D
+model dim, F FFN hidden dim, V vocabulary. The loss is REPLICATED over the tp group (every TP rank
+computes it), so no gradient is summed over tp except where a rank holds only part of it.
 
-The two styles (W stored as nn.Linear does, (out, in))
-    column-parallel  Y = X W^T, W split by rows (outputs): rank r holds W_r (out/t, in) and
-                     computes Y_r = X W_r^T, its slice of the output features.
-                     backward: dX = sum_r dY_r W_r (a sum over ranks: all-reduce, or a
-                     reduce-scatter under SP), dW_r = dY_r^T X (local).
-    row-parallel     Y = sum_r X_r W_r^T, W split by columns (inputs): rank r holds
-                     W_r (out, in/t) and the matching feature slice X_r of the input, and
-                     computes a partial sum; the sum over ranks is an all-reduce (or a
-                     reduce-scatter under SP). backward: dX_r = dY W_r, dW_r = dY^T X_r, both
-                     local once dY is whole (an all-gather of dY under SP).
-A column -> row pair (wq/wk/wv -> wo, w1/w3 -> w2) keeps the intermediate activations
-sharded (heads, FFN hidden units) with no communication in between: the local head
-attention and silu(x W1_r^T) * (x W3_r^T) need only the rank's own slice.
+The plan (as TorchTitan's layer plan): module name ("*" = one name component) -> style. W is
+stored as nn.Linear does, (out, in). apply_tp's docstring says what the model must provide.
+    colwise            Y = X W^T, W split by rows (outputs): rank r holds W_r (out/t, in) and
+                       computes Y_r = X W_r^T. backward: dX = sum_r dY_r W_r (all-reduce; reduce-
+                       scatter under SP), dW_r = dY_r^T X (local). Run by the holder's
+                       `input_proj_fn`: one f / GatherSeq for all its linears (wq, wk, wv).
+    rowwise            Y = sum_r X_r W_r^T, W split by columns (inputs): rank r holds W_r (out, in/t)
+                       and the input's slice X_r; the partial sums meet in an all-reduce (reduce-
+                       scatter under SP). backward: dX_r = dY W_r, dW_r = dY^T X_r, local once dY
+                       is whole (all-gathered under SP). Run by the holder's `output_proj_fn`.
+    vocab_embedding    rows [r V/t, (r+1) V/t) on rank r (no gather for the lookup); ids outside give
+                       zeros; partial sums meet in an all-reduce (reduce-scatter along S under SP).
+    vocab_output       colwise over V, run by the holder's `output_fn`: logits (B, S, V/t); with
+                       loss parallel the cross-entropy runs on the shards, else GatherVocab.
+    sequence_parallel  replicated (norms); under SP their gradients are partial (below).
+LLAMA_PLAN: wq, wk, wv colwise at head boundaries (H/t query and Hkv/t KV heads per rank; with
+GQA query head j uses KV head j // (H/Hkv): contiguous splits keep them together), wo rowwise, w1,
+w3 / w2 colwise / rowwise over F. A colwise -> rowwise pair keeps the activations in between
+sharded (heads, FFN units) with no communication: each rank's heads and silu(x W1_r^T) * (x W3_r^T)
+need only its slice.
 
 Collectives, as autograd Functions (forward | backward), on the tp group:
     CopyToTP            identity                 | all-reduce      ("f": enter column region)
@@ -34,42 +42,19 @@ Collectives, as autograd Functions (forward | backward), on the tp group:
     GatherVocab         all-gather along vocab   | take own slice  (logits without loss parallel)
     AllGatherMatmul     ring all-gather + matmul | ring matmul + reduce-scatter, dW  (async TP)
     MatmulReduceScatter ring matmul + reduce-sc. | ring all-gather + matmul, dW      (async TP)
-Per block, the input of attention goes through one f / GatherSeq feeding wq, wk and wv
-together, the output of wo through one g / ReduceScatterSeq; the same for w1/w3 and w2.
 
-Llama plan (as TorchTitan's):
-    tok_embeddings      vocabulary-parallel: rank r holds rows [r V/t, (r+1) V/t); ids outside
-                        the range give zeros; the sum over ranks is an all-reduce (or a
-                        reduce-scatter along the sequence under SP). Rows, not columns, so
-                        that the lookup needs no gather and the output (B, S, D) is a plain
-                        partial sum.
-    wq, wk, wv          column-parallel at head boundaries: H/t query heads and Hkv/t KV
-                        heads per rank (with GQA, query head j uses KV head j // (H/Hkv), so
-                        contiguous head splits keep each rank's query heads with their KV
-                        heads). Needs H % t == 0 and Hkv % t == 0.
-    wo                  row-parallel (its input columns are the same heads).
-    w1, w3 / w2         column / row-parallel over F. Needs F % t == 0.
-    norms               replicated (tiny).
-    output              column-parallel over V: logits (B, S, V/t). With loss parallel the
-                        cross-entropy runs on the shards; without, the logits are gathered.
+Sequence parallel (SP): between the TP regions (norms, residual adds) activations are split along
+the sequence, (B, s, D) per rank. f/g become an all-gather along the sequence before each colwise
+group and a reduce-scatter after each rowwise linear: the bytes of the all-reduce they replace,
+but norm and residual activations and work shrink by t. RoPE runs after the gather.
 
-Sequence parallel (SP): between the TP regions (norms, residual adds) activations are
-split along the sequence, (B, s, D) per rank, instead of replicated. f/g become an
-all-gather along the sequence before each column-parallel group and a reduce-scatter
-after each row-parallel one: the same bytes as the all-reduce they replace
-(all-reduce = reduce-scatter + all-gather), but norm and residual activations and work
-shrink by t. RoPE runs after the gather, on global positions. Needs S % t == 0.
-
-Gradients. Column/row weight shards: local, nothing to do. Replicated parameters (the
-norms): without SP they see replicated inputs and replicated output gradients, so their
-gradients are already identical on every TP rank. With SP each rank's norm sees only its
-s tokens, so its gradient is a PARTIAL sum: `reduce_sequence_parallel_grads` all-reduces
-(sum) the parameters marked `tp_partial_grad` once per step (a classic bug is to forget
-it: each rank then steps with a different norm weight).
-Parameters carry `tp_shard_dim` (0 column / vocabulary, 1 row) so gradient clipping
-sums the squares of sharded gradients over tp and counts replicated ones once; and
-`global_shape` / `global_offset`, so initialization fills each rank's slice of the same
-global weights (llama.init_weights): shards differ, and the whole equals one process.
+Gradients. Weight shards: local. Replicated parameters (the norms) without SP see replicated
+inputs and output gradients: their gradients are identical on every TP rank. With SP a rank's
+norm sees only its s tokens: a PARTIAL sum, which `reduce_sequence_parallel_grads` all-reduces
+for the parameters marked `tp_partial_grad`, once per step (forget it, and each rank steps with a
+different norm weight). Parameters carry `tp_shard_dim` (0 column / vocabulary, 1 row), so
+gradient clipping sums sharded squares over tp and counts replicated ones once; and
+`global_shape` / `global_offset`, so init fills each rank's slice of the same global weights.
 
 Loss parallel (vocab_parallel_cross_entropy), per token, with z_r the rank's logit slice:
     m   = max_r max_j z_r[j]                    all-reduce MAX of N floats
@@ -79,20 +64,15 @@ Loss parallel (vocab_parallel_cross_entropy), per token, with z_r the rank's log
     dz_r = softmax slice - onehot_r(target)      times dloss; local, no communication
 instead of an all-gather of N V logits. Computed in float32 (float64 stays float64).
 
-Async TP (`async_tp`, needs SP). The all-gather feeding a column-parallel group is cut
-into t steps around a ring: at step k rank r multiplies the sequence block it holds,
-that of rank (r - k) mod t, by all the group's weights while that block travels on to
-rank r+1 and the next arrives from rank r-1 (isend/irecv). The reduce-scatter after a
-row-parallel matmul is a travelling accumulator: at step k rank r computes its partial
-for block b = (r + 1 + k) mod t, adds the running sum received from rank r+1 (which
-worked on the same block one step earlier) and sends it on to rank r-1; at k = t-1,
-b = r and the sum is complete. Backward uses the same two rings (the row-parallel
-backward gathers dY while computing dX and dW block by block; the column-parallel backward
-reduce-scatters dX while computing dW block by block). The bytes equal the synchronous
-collectives; what changes is that transfer k+1 overlaps matmul k. Sums run in a different
-order from reduce_scatter and the weight gradients are summed block by block, so async and
-sync agree to rounding (~1e-15 relative in float64), not bit for bit. Float8 linears are not fused into
-the ring: async TP with float8 is refused.
+Async TP (`async_tp`, needs SP). The all-gather feeding a colwise group is cut into t ring steps:
+at step k rank r multiplies the block it holds (rank (r - k) mod t's) by all the group's weights
+while that block travels on to r+1 and the next arrives from r-1 (isend/irecv). The reduce-scatter
+after a rowwise matmul is a travelling accumulator: at step k rank r computes its partial for
+block b = (r + 1 + k) mod t, adds the running sum received from r+1 and sends it on to r-1; at
+k = t-1, b = r and the sum is complete. Backward runs the same rings the other way (dW block by
+block meanwhile). Same bytes as the sync collectives; transfer k+1 overlaps matmul k. Sums run in
+another order: async and sync agree to rounding (~1e-15 relative in float64), not bit for bit.
+Float8 linears are not fused into the ring: async TP with float8 is refused.
 
 Communication per block per micro-batch, a = bytes per activation element, A = B S D:
     no SP: forward 2 all-reduces, backward 2 all-reduces of A a bytes each
@@ -102,12 +82,12 @@ Communication per block per micro-batch, a = bytes per activation element, A = B
     Embedding: one all-reduce (reduce-scatter under SP) of A a. Output: one all-gather of
     A a (SP) plus, without loss parallel, an all-gather of B S V a; with loss parallel 3
     floats per token. SP norm gradients: one all-reduce of the norm weights per step.
-Memory per rank: linear weights, their gradients and optimizer state / t; norms
-replicated; the embedding and output / t. Activations inside the column -> row regions
-/ t; with SP, the norm and residual activations / t as well.
+Memory per rank: weights, gradients and optimizer state of the split modules / t; norms replicated.
+Activations inside the column -> row regions / t; with SP, the norm and residual ones / t too.
 
-Divisibility (checked with errors naming the values): t divides H, Hkv, F, V, and S
-(with SP).
+Requirements (check_tp_args, naming the config keys): t divides H, Hkv, F, V and, with SP, the
+tokens of a sequence on one TP group (S, or S / cp under CP: SP cuts a CP rank's two chunks as
+one sequence, so a chunk need not divide by t). Async TP needs SP and no float8 linears.
 """
 
 from __future__ import annotations
@@ -119,13 +99,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _size(group: dist.ProcessGroup) -> int:
-    return dist.get_world_size(group)
-
-
-def _rank(group: dist.ProcessGroup) -> int:
-    return dist.get_rank(group)
+_size, _rank = dist.get_world_size, dist.get_rank  # of the tp group passed in
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,9 +228,8 @@ def _wait(works: list) -> None:
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the matmuls run in: autocast's when it is on (bf16 training without
-    FSDP), else the input's. The ring Functions cast explicitly and run with autocast
-    off, because backward runs outside the autocast context."""
+    """The dtype the matmuls run in: autocast's when it is on (bf16 without FSDP), else the
+    input's. The rings cast explicitly, autocast off: backward runs outside its context."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
@@ -462,39 +435,91 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
 
 
 # ---------------------------------------------------------------------------------------
-# 6. Applying the plan to a Llama model
+# 6. The plan, the checks, and applying them
 
-# The plan: which dim of each weight is split over tp. 0: rows (output features, or the
-# vocabulary of the embedding), column-parallel; 1: columns (input features), row-parallel.
-SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1, "tok_embeddings": 0, "output": 0}
-WHAT = {"wq": "attention heads (wq rows)", "wk": "KV heads (wk rows)", "wv": "KV heads (wv rows)",
-        "wo": "attention heads (wo columns)", "w1": "the FFN hidden dim (w1 rows)",
-        "w3": "the FFN hidden dim (w3 rows)", "w2": "the FFN hidden dim (w2 columns)"}
+# Module name -> style ("*": one name component, e.g. a layer index), in Meta's Llama names.
+LLAMA_PLAN: dict[str, str] = {
+    "tok_embeddings": "vocab_embedding", "norm": "sequence_parallel", "output": "vocab_output",
+    "layers.*.attention_norm": "sequence_parallel", "layers.*.ffn_norm": "sequence_parallel",
+    "layers.*.attention.wq": "colwise", "layers.*.attention.wk": "colwise", "layers.*.attention.wv": "colwise",
+    "layers.*.attention.wo": "rowwise",
+    "layers.*.feed_forward.w1": "colwise", "layers.*.feed_forward.w3": "colwise", "layers.*.feed_forward.w2": "rowwise",
+}
+# Style -> (the weight dim split over tp, what that dim holds, the holder's attribute it sets).
+STYLES: dict[str, tuple] = {
+    "colwise": (0, "output features", "input_proj_fn"), "rowwise": (1, "input features", "output_proj_fn"),
+    "vocab_embedding": (0, "vocabulary", None), "vocab_output": (0, "vocabulary", "output_fn"),
+    "sequence_parallel": (None, None, None)}
 
 
-def local_shape(module_name: str, shape: tuple[int, ...], t: int) -> tuple[int, ...]:
-    """The shape of a weight on one of t TP ranks, by the module's (dotted) name: what
-    float8.convert_to_float8 checks against _scaled_mm's rules before TP shards it."""
-    dim = SHARD_DIM.get(module_name.split(".")[-1])
-    if dim is None:
-        return tuple(shape)
+def check_tp_args(tp: int, n_heads: int, n_kv_heads: int, sizes: dict[str, int], seq_len: int | None,
+                  sequence_parallel: bool, async_tp: bool, float8: bool = False) -> None:
+    """Everything TP needs of the numbers, no collective. sizes: {what tp splits: size}, e.g.
+    {"model.vocab_size": 128256}; n_heads, n_kv_heads: 0 without attention; seq_len: tokens of
+    a sequence on one TP group (data.seq_len / parallel.cp), None: checked at run time."""
+    if tp == 1:
+        return
+    if n_heads % tp or n_kv_heads % tp:
+        raise ValueError(f"parallel.tp={tp} must divide model.n_heads={n_heads} and model.n_kv_heads={n_kv_heads} "
+                         f"(each TP rank holds whole heads); pick tp from the common divisors")
+    for what, size in sizes.items():
+        if size % tp:
+            raise ValueError(f"parallel.tp={tp} must divide {what} = {size} (tensor parallel splits it)")
+    if sequence_parallel and seq_len is not None and seq_len % tp:
+        raise ValueError(f"data.seq_len (/ parallel.cp under context parallel) = {seq_len} is not divisible by "
+                         f"parallel.tp={tp}: sequence parallel splits each sequence over the tp ranks; change "
+                         f"data.seq_len or set parallel.sequence_parallel=false")
+    if async_tp and not sequence_parallel:
+        raise ValueError("parallel.async_tp=true needs parallel.sequence_parallel=true (async TP overlaps the "
+                         "sequence all-gather / reduce-scatter, which exist only with sequence parallel)")
+    if async_tp and float8:
+        raise ValueError("parallel.async_tp=true with float8.enabled=true: the async TP ring runs plain matmuls, "
+                         "not a Float8Linear's; turn one of them off")
+
+
+def _matches(pattern: str, name: str) -> bool:
+    p, n = pattern.split("."), name.split(".")
+    return len(p) == len(n) and all(a in ("*", b) for a, b in zip(p, n))
+
+
+def local_shape(module_name: str, shape: tuple[int, ...], t: int, plan: dict[str, str] = LLAMA_PLAN):
+    """The shape of a module's weight on one of t TP ranks, by the last part of its name
+    ("wq"): what float8.convert_to_float8 checks against _scaled_mm's rules before TP."""
+    dim = next((STYLES[s][0] for p, s in plan.items() if p.rsplit(".", 1)[-1] == module_name.rsplit(".", 1)[-1]),
+               None)
     return tuple(n // t if d == dim else n for d, n in enumerate(shape))
 
 
-def _shard(module: nn.Module, name: str, dim: int, group: dist.ProcessGroup, what: str) -> nn.Parameter:
-    """Replace module.<name> by this rank's 1/t slice along `dim` (kept on meta for a
-    model built on meta, else sliced from the values), recording where it sits."""
+def _resolve(model: nn.Module, plan: dict[str, str]) -> list[tuple[str, str, nn.Module]]:
+    """(name, style, module) for every module the plan names, or a ValueError naming what is missing."""
+    modules, found = dict(model.named_modules()), []
+    for pattern, style in plan.items():
+        if style not in STYLES:
+            raise ValueError(f"tensor parallel: unknown style {style!r} for {pattern!r}; use one of {list(STYLES)}")
+        hits = [(name, style, m) for name, m in modules.items() if _matches(pattern, name)]
+        holder, _, attr = pattern.rpartition(".")
+        if not hits and ("*" in pattern or getattr(modules.get(holder), attr, 0) is not None):
+            raise ValueError(f"tensor parallel: the plan names {pattern!r} ({style}) but the {type(model).__name__} "
+                             f"has no such module; pass a plan= with its module names")
+        dim, _, hook = STYLES[style]
+        for name, _, m in hits:
+            holder = name.rpartition(".")[0]
+            w = getattr(m, "weight", None)
+            if dim is not None and not (isinstance(w, torch.Tensor) and w.dim() == 2):
+                raise ValueError(f"tensor parallel: {name} ({style}) has no 2-D `weight` to split")
+            if hook is not None and not hasattr(modules[holder], hook):
+                raise ValueError(f"tensor parallel: {name} is {style}, so its holder {holder or 'the model'} "
+                                 f"({type(modules[holder]).__name__}) needs a replaceable `{hook}` attribute")
+        found += hits
+    return found
+
+
+def _shard(module: nn.Module, name: str, dim: int, group: dist.ProcessGroup) -> nn.Parameter:
+    """Replace module.<name> by this rank's 1/t slice along `dim` (on meta: shapes only),
+    recording where the slice sits."""
     p = getattr(module, name)
-    t, r = _size(group), _rank(group)
-    if p.shape[dim] % t:
-        raise ValueError(f"tensor parallel: {what} has size {p.shape[dim]} along dim {dim}, not divisible "
-                         f"by parallel.tp={t}")
-    n = p.shape[dim] // t
-    if p.device.type == "meta":
-        local = torch.empty((*p.shape[:dim], n, *p.shape[dim + 1:]), dtype=p.dtype, device="meta")
-    else:
-        local = p.detach().narrow(dim, r * n, n).clone()
-    shard = nn.Parameter(local, requires_grad=p.requires_grad)
+    n, r = p.shape[dim] // _size(group), _rank(group)  # check_tp_args saw that t divides it
+    shard = nn.Parameter(p.detach().narrow(dim, r * n, n).clone(), requires_grad=p.requires_grad)
     shard.__dict__.update(p.__dict__)  # attributes earlier techniques set on p
     offset = list(getattr(p, "global_offset", (0,) * p.dim()))
     offset[dim] += r * n
@@ -505,72 +530,56 @@ def _shard(module: nn.Module, name: str, dim: int, group: dist.ProcessGroup, wha
     return shard
 
 
-def _set_amax_group(linear: nn.Module, group: dist.ProcessGroup, async_tp: bool, name: str) -> None:
-    """Float8 linears (anything with `amax_group`, duck-typed: this file does not import
-    float8.py) take their tensorwise scales over the whole logical tensor."""
-    if hasattr(linear, "amax_group"):
-        if async_tp:
-            raise ValueError(f"parallel.async_tp=true with float8: {name} is a {type(linear).__name__}, and "
-                             f"the async TP ring runs plain matmuls; set parallel.async_tp=false or "
-                             f"float8.enabled=false")
-        linear.amax_group = group
+def vocab_parallel_output(h: torch.Tensor, linear: nn.Module, *, group: dist.ProcessGroup,
+                          sequence_parallel: bool, loss_parallel: bool) -> torch.Tensor:
+    """The output projection (llama's output_fn): h (B, s, D) under SP, else (B, S, D) ->
+    logits (B, S, V/t) with loss parallel, else gathered to (B, S, V)."""
+    (logits,) = column_parallel(h, (linear,), group=group, sequence_parallel=sequence_parallel, async_tp=False)
+    return logits if loss_parallel else GatherVocab.apply(logits, group)
 
 
 def apply_tp(model: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool = True,
-             loss_parallel: bool = True, async_tp: bool = False) -> None:
-    """Shard `model` (llama.Transformer, on meta or materialized) over `group` in place.
-    Works on a pipeline stage too (tok_embeddings / norm / output may be None). With
-    loss_parallel the output stays vocabulary-sharded: use vocab_parallel_cross_entropy."""
-    if async_tp and not sequence_parallel:
-        raise ValueError("parallel.async_tp=true needs parallel.sequence_parallel=true: async TP overlaps the "
-                         "sequence all-gather / reduce-scatter, which exist only with sequence parallel")
-    t, args = _size(group), model.args
-    if args.n_heads % t or args.kv_heads % t:
-        raise ValueError(f"tensor parallel: parallel.tp={t} must divide model.n_heads={args.n_heads} and "
-                         f"model.n_kv_heads={args.kv_heads} (each rank holds whole query and KV heads)")
-    for what, size in (("the vocabulary (model.vocab_size)", args.vocab_size),
-                       ("the FFN hidden dim (w1 / w3 rows, w2 columns)", args.ffn_dim)):
-        if size % t:  # checked before anything is sharded: an error leaves the model as it was
-            raise ValueError(f"tensor parallel: {what} has size {size}, not divisible by parallel.tp={t}")
-    proj = dict(group=group, sequence_parallel=sequence_parallel, async_tp=async_tp)
-    for layer_name, block in model.layers.items():
-        attn, ffn = block.attention, block.feed_forward
-        prefix = f"layers.{layer_name}"
-        for module, kind in ((attn, "attention"), (ffn, "feed_forward")):
-            for name in (("wq", "wk", "wv", "wo") if module is attn else ("w1", "w3", "w2")):
-                sub = f"{prefix}.{kind}.{name}"
-                _shard(getattr(module, name), "weight", SHARD_DIM[name], group, f"{sub}.weight: {WHAT[name]}")
-                _set_amax_group(getattr(module, name), group, async_tp, sub)
-        for module in (attn, ffn):
-            module.input_proj_fn = functools.partial(column_parallel, **proj)
-            module.output_proj_fn = functools.partial(row_parallel, **proj)
-        if sequence_parallel:  # the norms see only this rank's tokens: partial gradients
-            for norm in (block.attention_norm, block.ffn_norm):
-                norm.weight.tp_partial_grad = True
-
-    if model.tok_embeddings is not None:
-        emb = model.tok_embeddings
-        weight = _shard(emb, "weight", 0, group, "tok_embeddings.weight: the vocabulary (model.vocab_size)")
-        model.tok_embeddings = VocabParallelEmbedding(weight, _rank(group) * weight.shape[0], group,
-                                                      sequence_parallel)
-    if model.norm is not None and sequence_parallel:
-        model.norm.weight.tp_partial_grad = True
-    if model.output is not None:
-        _shard(model.output, "weight", 0, group, "output.weight: the vocabulary (model.vocab_size)")
-        _set_amax_group(model.output, group, False, "output")
-        model.output.register_forward_pre_hook(functools.partial(
-            _output_input_hook, group=group, sequence_parallel=sequence_parallel))
-        if not loss_parallel:
-            model.output.register_forward_hook(functools.partial(_output_gather_hook, group=group))
-
-
-def _output_input_hook(module: nn.Module, args: tuple, *, group: dist.ProcessGroup, sequence_parallel: bool):
-    (h,) = args
-    return (GatherSeq.apply(h, group) if sequence_parallel else CopyToTP.apply(h, group),)
-
-
-def _output_gather_hook(module: nn.Module, args: tuple, out: torch.Tensor, *, group: dist.ProcessGroup):
-    return GatherVocab.apply(out, group)
+             loss_parallel: bool = True, async_tp: bool = False, plan: dict[str, str] = LLAMA_PLAN,
+             n_heads: int | None = None, n_kv_heads: int | None = None, seq_len: int | None = None) -> None:
+    """Shard `model` (on meta or materialized) over `group` in place, by `plan`. The model must
+    have (checked first: a ValueError names what is missing, the model is left as it was)
+    every module the plan names (a plain name set to None is skipped: a pipeline stage); a 2-D
+    `weight` where one is split; on the module holding it the replaceable attribute its style
+    sets: `input_proj_fn(x, linears) -> outputs` (colwise: the linears reading one input),
+    `output_proj_fn(x, linear)` (rowwise), `output_fn(h, linear)` (vocab_output). Attention
+    must count its heads from its projections' width. n_heads, n_kv_heads: by default
+    model.args.n_heads / .kv_heads. seq_len: see check_tp_args. With loss_parallel the logits
+    stay vocabulary-sharded: use vocab_parallel_cross_entropy."""
+    if n_heads is None or n_kv_heads is None:
+        args = getattr(model, "args", None)
+        if not (hasattr(args, "n_heads") and hasattr(args, "kv_heads")):
+            raise ValueError(f"tensor parallel: pass n_heads= and n_kv_heads= (the {type(model).__name__} has no "
+                             f"`args` with them): wq / wk / wv are cut at head boundaries; 0 without attention")
+        n_heads, n_kv_heads = args.n_heads, args.kv_heads
+    found = _resolve(model, plan)
+    sizes = {f"{name}.weight's {STYLES[style][1]} (dim {STYLES[style][0]})": m.weight.shape[STYLES[style][0]]
+             for name, style, m in found if STYLES[style][0] is not None}
+    float8 = any(hasattr(m, "amax_group") for _, style, m in found if style in ("colwise", "rowwise"))
+    check_tp_args(_size(group), n_heads, n_kv_heads, sizes, seq_len, sequence_parallel, async_tp, float8)
+    sp = dict(group=group, sequence_parallel=sequence_parallel)
+    fns = {"colwise": functools.partial(column_parallel, async_tp=async_tp, **sp),
+           "rowwise": functools.partial(row_parallel, async_tp=async_tp, **sp),
+           "vocab_output": functools.partial(vocab_parallel_output, loss_parallel=loss_parallel, **sp)}
+    for name, style, module in found:
+        dim, _, hook = STYLES[style]
+        holder, _, attr = name.rpartition(".")
+        if style == "sequence_parallel":  # replicated; under SP it sees only this rank's tokens
+            for p in module.parameters() if sequence_parallel else ():
+                p.tp_partial_grad = True
+            continue
+        weight = _shard(module, "weight", dim, group)
+        if hasattr(module, "amax_group"):  # a Float8Linear (duck-typed): scales over the whole tensor
+            module.amax_group = group
+        if hook is not None:
+            setattr(model.get_submodule(holder), hook, fns[style])
+        else:  # vocab_embedding: the module is replaced, its parameter keeps its name
+            emb = VocabParallelEmbedding(weight, _rank(group) * weight.shape[0], group, sequence_parallel)
+            setattr(model.get_submodule(holder), attr, emb)
 
 
 @torch.no_grad()

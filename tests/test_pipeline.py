@@ -400,7 +400,7 @@ def test_split_layers():
     assert pipeline.split_layers(4, 4) == [[0], [1], [2], [3]]
     assert pipeline.split_layers(4, 3, [1, 3]) == [[0], [1, 2], [3]]
     assert pipeline.split_layers(6, 2, [5]) == [[0, 1, 2, 3, 4], [5]]
-    with pytest.raises(ValueError, match=r"5 stages .* only 4 layers \(model.n_layers\)"):
+    with pytest.raises(ValueError, match=r"model.n_layers=4 is fewer than the pipeline stages .* = 5"):
         pipeline.split_layers(4, 5)
     for points in ([0, 2], [2, 2], [3, 1], [1, 4], [1], [1, 2, 3], [-1, 2]):
         with pytest.raises(ValueError) as err:

@@ -749,8 +749,8 @@ def test_apply_tp_rejects_what_it_cannot_split():
     expected = {
         "kv_heads": ("parallel.tp=2", "model.n_heads=8", "model.n_kv_heads=1"),
         "async_no_sp": ("async_tp=true needs parallel.sequence_parallel=true",),
-        "vocab": ("vocabulary", "size 129", "parallel.tp=2"),
-        "ffn": ("FFN hidden dim", "size 171", "parallel.tp=2"),
+        "vocab": ("tok_embeddings.weight's vocabulary", "= 129", "parallel.tp=2"),
+        "ffn": ("feed_forward.w1.weight's output features", "= 171", "parallel.tp=2"),
         "float8_async": ("async_tp=true with float8", "Float8Linear"),
         "seq_asyncFalse": ("sequence parallel", "size 7", "degree 2"),
         "seq_asyncTrue": ("sequence parallel", "size 7", "degree 2"),
