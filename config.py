@@ -27,6 +27,7 @@ import context_parallel
 import float8
 import llama
 import pipeline
+import tensor_parallel
 
 # ---------------------------------------------------------------------------------------
 # 1. Config: typed dataclasses, mirrored one to one by the YAML sections
@@ -56,11 +57,13 @@ class TrainingConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     warmup_steps: int = 20
-    decay: str = "cosine"  # cosine | linear | wsd (warmup-stable-decay)
-    wsd_decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    decay: str = "cosine"  # cosine | linear | wsd (warmup-stable-decay); TorchTitan's formula (train.lr_at)
+    wsd_decay_fraction: float = 0.2  # wsd: decay linearly over this fraction of all steps (TorchTitan decay_ratio)
     max_norm: float = 1.0  # gradient clipping by global norm; <= 0 disables clipping
     optimizer: str = "adamw"  # adamw | sgd
-    weight_decay: float = 0.1  # on matrices only, not on norms
+    # On matrices only, not on norm weights, as is common practice; TorchTitan decays
+    # every parameter (a difference listed in the README).
+    weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -147,8 +150,8 @@ CHOICES = {
     "training.decay": ("cosine", "linear", "wsd"),
     "training.optimizer": ("adamw", "sgd"),
     "training.dtype": ("bfloat16", "float32", "float64"),
-    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
-    "parallel.cp_rotate": ("ring", "allgather"),
+    "parallel.pp_schedule": tuple(pipeline.SCHEDULES),
+    "parallel.cp_rotate": context_parallel.ROTATE,
     "float8.recipe": float8.RECIPES,
     "activation_checkpoint.mode": ("none", "full", "selective"),
 }
@@ -288,6 +291,7 @@ class Plan:
     dp_size: int  # data-parallel degree = dp_replicate * dp_shard (ranks seeing different data)
     grad_accum: int  # micro-steps per optimizer step
     global_tokens: int  # tokens per optimizer step: the loss denominator
+    pp_microbatches: int  # pipeline micro-batches per micro-step (1 without PP)
     model_args: llama.ModelArgs
 
     @property
@@ -296,118 +300,72 @@ class Plan:
         return f"pp{d['pp']} dp{d['dp_replicate']}x{d['dp_shard']} cp{d['cp']} tp{d['tp']}"
 
 
-def validate(cfg: Config, world_size: int) -> Plan:
-    t, p = cfg.training, cfg.parallel
-    degrees = resolve_degrees(p, world_size)
-    try:
-        args = llama.model_args(cfg.model.name, **cfg.model.overrides)
-    except ValueError as e:
-        raise ValueError(str(e)) from None
-    if args.dim % args.n_heads:
-        raise ValueError(f"model.dim={args.dim} is not divisible by model.n_heads={args.n_heads}")
-    if args.head_dim % 2:
-        raise ValueError(f"head dim {args.head_dim} (model.dim / model.n_heads) must be even for RoPE")
-    if args.n_heads % args.kv_heads:
-        raise ValueError(f"model.n_heads={args.n_heads} is not divisible by model.n_kv_heads={args.kv_heads}")
-    for name in ("steps", "batch_size", "micro_batch_size"):
-        if getattr(t, name) < 1:
-            raise ValueError(f"training.{name}={getattr(t, name)} must be >= 1")
-    if cfg.data.seq_len < 1 or cfg.data.seq_len > args.max_seq_len:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} must be in [1, model.max_seq_len={args.max_seq_len}]")
-    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
-        raise ValueError(f"training.warmup_steps={t.warmup_steps} must be in [0, training.steps={t.steps}]")
-    if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
-        raise ValueError(f"training.lr={t.lr} must be > 0 and training.min_lr_ratio={t.min_lr_ratio} in [0, 1]")
-    if not 0 < t.wsd_decay_fraction <= 1:
-        raise ValueError(f"training.wsd_decay_fraction={t.wsd_decay_fraction} must be in (0, 1]")
+# Ranges of single values: (key, test, what the test requires).
+RANGES = [
+    ("training.steps", lambda v: v >= 1, ">= 1"),
+    ("training.batch_size", lambda v: v >= 1, ">= 1"),
+    ("training.micro_batch_size", lambda v: v >= 1, ">= 1"),
+    ("training.lr", lambda v: v > 0, "> 0"),
+    ("training.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("training.wsd_decay_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("checkpoint.interval", lambda v: v >= 0, ">= 0 (0: never save)"),
+    ("checkpoint.keep", lambda v: v >= 0, ">= 0 (0: keep every checkpoint)"),
+    ("run.log_every", lambda v: v >= 1, ">= 1"),
+    ("run.eval_every", lambda v: v >= 0, ">= 0 (0: never)"),
+    ("run.eval_steps", lambda v: v >= 1, ">= 1"),
+]
 
-    tp, cp, pp = degrees["tp"], degrees["cp"], degrees["pp"]
-    if args.n_heads % tp or args.kv_heads % tp:
-        raise ValueError(
-            f"parallel.tp={tp} must divide model.n_heads={args.n_heads} and model.n_kv_heads={args.kv_heads} "
-            f"(each TP rank holds whole heads); pick tp from the common divisors"
-        )
-    if tp > 1:
-        for what, size in (("model.vocab_size", args.vocab_size), ("the FFN hidden dim (model.dim, "
-                           "ffn_dim_multiplier, multiple_of)", args.ffn_dim)):
-            if size % tp:
-                raise ValueError(f"parallel.tp={tp} must divide {what} = {size} (tensor parallel splits it)")
-        if p.sequence_parallel and cfg.data.seq_len % (tp * (2 * cp if cp > 1 else 1)):
-            need = tp * (2 * cp if cp > 1 else 1)
-            raise ValueError(
-                f"data.seq_len={cfg.data.seq_len} is not divisible by {need} (parallel.tp={tp}"
-                f"{f' x 2 x parallel.cp={cp}' if cp > 1 else ''}): sequence parallel splits each sequence "
-                f"over the tp ranks; change data.seq_len or set parallel.sequence_parallel=false"
-            )
-        if p.async_tp and not p.sequence_parallel:
-            raise ValueError("parallel.async_tp=true needs parallel.sequence_parallel=true (async TP overlaps the "
-                             "sequence all-gather / reduce-scatter, which exist only with sequence parallel)")
-        if p.async_tp and cfg.float8.enabled:
-            raise ValueError("parallel.async_tp=true with float8.enabled=true: the async TP ring runs plain "
-                             "matmuls, not float8 ones; turn one of them off")
-    if cfg.float8.fsdp_float8_all_gather and cfg.float8.recipe != "tensorwise":
-        raise ValueError(f"float8.fsdp_float8_all_gather=true needs float8.recipe=tensorwise (got "
-                         f"{cfg.float8.recipe!r}): rowwise weights are gathered in high precision")
-    if p.cp_rotate not in context_parallel.ROTATE:
-        raise ValueError(f"parallel.cp_rotate={p.cp_rotate!r} is not one of {list(context_parallel.ROTATE)}")
-    if cp > 1 and cfg.data.seq_len % (2 * cp):
-        raise ValueError(
-            f"data.seq_len={cfg.data.seq_len} is not divisible by 2 * parallel.cp = {2 * cp} "
-            f"(load-balanced context parallel cuts the sequence into 2*cp chunks)"
-        )
-    stages = pp * p.pp_stages_per_rank
-    if p.pp_stages_per_rank < 1 or p.pp_microbatches < 0:
-        raise ValueError(f"parallel.pp_stages_per_rank={p.pp_stages_per_rank} must be >= 1 and "
-                         f"parallel.pp_microbatches={p.pp_microbatches} >= 0 (0: one per pipeline rank)")
-    if pp > 1 and args.n_layers < stages:
-        raise ValueError(
-            f"model.n_layers={args.n_layers} is fewer than the pipeline stages "
-            f"parallel.pp * parallel.pp_stages_per_rank = {pp} * {p.pp_stages_per_rank} = {stages}"
-        )
+
+def validate(cfg: Config, world_size: int) -> Plan:
+    """Everything that can be known before any work: single values, the degrees, the
+    model, each technique's own rules (its check_* function, the same one its apply_*
+    calls), then the batch arithmetic. Returns the derived values."""
+    t, p = cfg.training, cfg.parallel
+    for key, ok, requirement in RANGES:
+        section, name = key.split(".")
+        if not ok(getattr(getattr(cfg, section), name)):
+            raise ValueError(f"{key}={getattr(getattr(cfg, section), name)} must be {requirement}")
+    if not 0 <= t.warmup_steps <= t.steps:
+        raise ValueError(f"training.warmup_steps={t.warmup_steps} must be in [0, training.steps={t.steps}]")
+    degrees = resolve_degrees(p, world_size)
+    args = llama.model_args(cfg.model.name, **cfg.model.overrides)  # checks heads and head dim
+    if not 1 <= cfg.data.seq_len <= args.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} must be in [1, model.max_seq_len={args.max_seq_len}]")
+    tp, cp, pp, v = degrees["tp"], degrees["cp"], degrees["pp"], p.pp_stages_per_rank
+    microbatches = (p.pp_microbatches or pp) if pp > 1 else 1  # 0: one per pipeline rank
+
+    context_parallel.check_cp_args(cp, cfg.data.seq_len, p.cp_rotate)
+    tensor_parallel.check_tp_args(tp, args.n_heads, args.kv_heads, {
+        "model.vocab_size": args.vocab_size, "the FFN hidden dim (model.dim, ffn_dim_multiplier, multiple_of)":
+        args.ffn_dim}, cfg.data.seq_len // cp, p.sequence_parallel, p.async_tp, cfg.float8.enabled)
+    float8.check_float8_args(cfg.float8.recipe, cfg.float8.fsdp_float8_all_gather)
+    pipeline.check_stage_args(args.n_layers, pp, v, p.pp_split_points)
     if pp > 1:
-        pipeline.check_schedule_args(p.pp_schedule, pp, p.pp_microbatches or pp, p.pp_stages_per_rank)
-        if p.pp_split_points is not None:
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in p.pp_split_points):
-                raise ValueError(f"parallel.pp_split_points={p.pp_split_points} must be a list of layer indices")
-            pipeline.split_layers(args.n_layers, stages, p.pp_split_points)
-        if p.pp_schedule == "zero_bubble":
-            clash = [what for what, on in (
-                ("FSDP (dp_shard / dp_replicate / cp > 1)", degrees["dp_shard"] * degrees["dp_replicate"] * cp > 1),
-                ("parallel.async_tp", tp > 1 and p.async_tp), ("float8.enabled", cfg.float8.enabled),
-                ("activation_checkpoint.mode", cfg.activation_checkpoint.mode != "none")) if on]
-            if clash:
-                raise ValueError(f"parallel.pp_schedule=zero_bubble cannot run with {', '.join(clash)}: its weight-"
-                                 f"gradient split computes dW = dy^T x outside autograd, which those produce "
-                                 f"inside their own machinery; use parallel.pp_schedule=1f1b or "
-                                 f"interleaved_1f1b")
+        pipeline.check_schedule_args(p.pp_schedule, pp, microbatches, v)
+    if pp > 1 and p.pp_schedule == "zero_bubble":
+        clash = [what for what, on in (
+            ("FSDP (dp_shard / dp_replicate / cp > 1)", degrees["dp_shard"] * degrees["dp_replicate"] * cp > 1),
+            ("parallel.async_tp", tp > 1 and p.async_tp), ("float8.enabled", cfg.float8.enabled),
+            ("activation_checkpoint.mode", cfg.activation_checkpoint.mode != "none")) if on]
+        if clash:
+            raise ValueError(f"parallel.pp_schedule=zero_bubble cannot run with {', '.join(clash)}: its weight-"
+                             f"gradient split computes dW = dy^T x outside autograd, which those produce inside "
+                             f"their own machinery; use parallel.pp_schedule=1f1b or interleaved_1f1b")
+    option = cfg.activation_checkpoint.selective_option
+    if cfg.activation_checkpoint.mode == "selective" and option != "op" and not (isinstance(option, int)
+                                                                                   and option >= 1):
+        raise ValueError(f"activation_checkpoint.selective_option={option!r} must be 'op' or a positive "
+                         f"integer k (checkpoint every k-th block)")
 
     dp_size = degrees["dp_replicate"] * degrees["dp_shard"]
     per_step = t.micro_batch_size * dp_size
     if t.batch_size % per_step:
-        raise ValueError(
-            f"training.batch_size={t.batch_size} is not divisible by training.micro_batch_size="
-            f"{t.micro_batch_size} x data-parallel degree {dp_size} (dp_replicate x dp_shard) = {per_step}; "
-            f"make batch_size a multiple of {per_step}"
-        )
-    microbatches = p.pp_microbatches or pp
-    if pp > 1 and t.micro_batch_size % microbatches:
-        raise ValueError(
-            f"training.micro_batch_size={t.micro_batch_size} is not divisible by "
-            f"parallel.pp_microbatches={microbatches}"
-        )
-    if cfg.activation_checkpoint.mode == "selective":
-        option = cfg.activation_checkpoint.selective_option
-        if option != "op" and not (isinstance(option, int) and option >= 1):
-            raise ValueError(
-                f"activation_checkpoint.selective_option={option!r} must be 'op' or a positive integer k "
-                f"(checkpoint every k-th block)"
-            )
-    if cfg.checkpoint.interval < 0 or cfg.checkpoint.keep < 0:
-        raise ValueError(f"checkpoint.interval={cfg.checkpoint.interval} and checkpoint.keep={cfg.checkpoint.keep} "
-                         f"must be >= 0 (interval 0: never save; keep 0: keep every checkpoint)")
-    if cfg.run.log_every < 1 or cfg.run.eval_every < 0 or cfg.run.eval_steps < 1:
-        raise ValueError("run.log_every and run.eval_steps must be >= 1, run.eval_every >= 0")
-    return Plan(degrees, dp_size, t.batch_size // per_step, t.batch_size * cfg.data.seq_len, args)
-
+        raise ValueError(f"training.batch_size={t.batch_size} is not divisible by training.micro_batch_size="
+                         f"{t.micro_batch_size} x data-parallel degree {dp_size} (dp_replicate x dp_shard) = "
+                         f"{per_step}; make batch_size a multiple of {per_step}")
+    if t.micro_batch_size % microbatches:
+        raise ValueError(f"training.micro_batch_size={t.micro_batch_size} is not divisible by "
+                         f"parallel.pp_microbatches={microbatches}")
+    return Plan(degrees, dp_size, t.batch_size // per_step, t.batch_size * cfg.data.seq_len, microbatches, args)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}

@@ -130,7 +130,14 @@ PRESETS: dict[str, ModelArgs] = {
 def model_args(name: str, **overrides) -> ModelArgs:
     if name not in PRESETS:
         raise ValueError(f"model.name={name!r} is not a preset; choose one of {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    args = replace(PRESETS[name], **overrides)
+    if args.dim % args.n_heads:
+        raise ValueError(f"model.dim={args.dim} is not divisible by model.n_heads={args.n_heads}")
+    if args.head_dim % 2:
+        raise ValueError(f"head dim {args.head_dim} (model.dim / model.n_heads) must be even for RoPE")
+    if args.n_heads % args.kv_heads:
+        raise ValueError(f"model.n_heads={args.n_heads} is not divisible by model.n_kv_heads={args.kv_heads}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,21 +316,24 @@ class Transformer(nn.Module):
 _ROWS_PER_STREAM_ELEMS = 1 << 22  # a random stream covers ~4M elements of whole rows
 
 
-def _init_spec(name: str, args: ModelArgs) -> tuple[str, float]:
-    """(kind, std) of a parameter, as TorchTitan's Llama init: embeddings N(0, 1); the
-    output projection trunc-normal dim^-0.5; input projections trunc-normal 0.02; the
-    projections writing into the residual stream (wo, w2, and w3 as TorchTitan does) get
-    0.02 / sqrt(2 * (layer_id + 1)) (depth-scaled); norms are ones."""
+def _init_spec(name: str, args: ModelArgs) -> tuple[str, float, float]:
+    """(kind, std, cutoff) of a parameter, as TorchTitan's Llama 3 init: embeddings
+    N(0, 1); the output projection trunc-normal dim^-0.5 cut at +-3 std; input
+    projections trunc-normal 0.02; the projections writing into the residual stream (wo,
+    w2, and w3 as TorchTitan does) 0.02 / sqrt(2 * (layer_id + 1)) (depth-scaled); norms
+    ones. TorchTitan's block projections use trunc_normal_'s default bounds, +-2
+    absolute: 100 std and more at these stds, so in effect no truncation (a +-3 std cut
+    would make them 1.3% smaller in std)."""
     if name.endswith("norm.weight"):
-        return "ones", 0.0
+        return "ones", 0.0, 0.0
     if name.startswith("tok_embeddings."):
-        return "normal", 1.0
+        return "normal", 1.0, math.inf
     if name.startswith("output."):
-        return "trunc_normal", args.dim**-0.5
+        return "trunc_normal", args.dim**-0.5, 3 * args.dim**-0.5
     layer_id = int(name.split(".")[1])
     if name.endswith(("wo.weight", "w2.weight", "w3.weight")):
-        return "trunc_normal", 0.02 / math.sqrt(2 * (layer_id + 1))
-    return "trunc_normal", 0.02
+        return "trunc_normal", 0.02 / math.sqrt(2 * (layer_id + 1)), 2.0
+    return "trunc_normal", 0.02, 2.0
 
 
 def _stream_seed(seed: int, name: str, block: int) -> int:
@@ -339,7 +349,7 @@ def init_weights(model: nn.Module, args: ModelArgs, seed: int) -> None:
     draws only the blocks its slice touches and copies out the overlap. So the global
     weights do not depend on how they are sharded, and no rank builds a whole tensor."""
     for name, p in model.named_parameters():
-        kind, std = _init_spec(name, args)
+        kind, std, cutoff = _init_spec(name, args)
         global_shape = tuple(getattr(p, "global_shape", p.shape))
         offset = tuple(getattr(p, "global_offset", (0,) * p.dim()))
         p.zero_()  # padding rows (beyond the global shape) stay zero
@@ -364,7 +374,7 @@ def init_weights(model: nn.Module, args: ModelArgs, seed: int) -> None:
             if kind == "normal":
                 rows.normal_(0.0, std, generator=gen)
             else:
-                nn.init.trunc_normal_(rows, 0.0, std, -3 * std, 3 * std, generator=gen)
+                nn.init.trunc_normal_(rows, 0.0, std, -cutoff, cutoff, generator=gen)
             lo, hi = max(b0, row0), min(b1, row1)
             src = rows[(slice(lo - b0, hi - b0), *inner)]
             p[(slice(lo - row0, hi - row0), *(slice(0, s.stop - s.start) for s in inner))] = src.to(p.dtype)

@@ -475,10 +475,12 @@ class PipelineRunner:
         self.capture.append(pair)
 
     def step(self, inputs: list[torch.Tensor], labels: list[torch.Tensor],
-             positions: torch.Tensor | None = None) -> torch.Tensor:
+             positions: torch.Tensor | None = None, sync_grads: bool = True) -> torch.Tensor:
         """Run the action list. inputs / labels: one (B_mb, S) tensor per micro-batch
-        (used on the first / last stage). Returns the sum of the micro-batch losses on
-        the last stage's rank, zero elsewhere."""
+        (used on the first / last stage). sync_grads: this is the last step before the
+        optimizer (gradient accumulation), so grad_sync may reduce on each stage's last
+        backward. Returns the sum of the micro-batch losses on the last stage's rank,
+        zero elsewhere."""
         x_in, out, losses, recv, pairs = {}, {}, {}, {}, {}
         sends: list[dist.Work] = []
         batch: list[tuple[dist.P2POp, tuple | None]] = []  # consecutive SEND / RECV, posted together
@@ -534,7 +536,7 @@ class PipelineRunner:
                     out[key] = y
             elif a.kind in ("B", "I"):
                 if self.grad_sync is not None:
-                    self.grad_sync(a.stage, a.mb == last_backward[a.stage])
+                    self.grad_sync(a.stage, sync_grads and a.mb == last_backward[a.stage])
                 if a.stage == self.n_stages - 1:
                     outputs, grad = losses.pop(key), None
                 else:

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_on_ranks
 
 import config
+import parallelize
 import train
-from distributed import run_on_ranks
 
 
 def cfg_of(*overrides: str, path: str | None = "configs/debug.yaml") -> config.Config:
@@ -90,7 +91,7 @@ def test_bad_keys_and_types_name_the_key(override, words):
         (["parallel.tp=8", "training.batch_size=8"], 8, ["parallel.tp=8", "n_kv_heads=4"]),
         (["parallel.tp=3", "model.n_heads=4", "model.dim=256"], 3, ["parallel.tp=3", "n_heads=4"]),
         # seq_len not divisible by 2*cp
-        (["parallel.cp=2", "data.seq_len=250"], 2, ["data.seq_len=250", "2 * parallel.cp = 4"]),
+        (["parallel.cp=2", "data.seq_len=250"], 2, ["data.seq_len=250", "2 x parallel.cp = 4"]),
         # layers fewer than stages
         (["parallel.pp=4", "parallel.pp_stages_per_rank=2", "parallel.pp_schedule=interleaved_1f1b"], 4,
          ["n_layers=4", "8"]),
@@ -159,8 +160,8 @@ def test_group_membership(degrees):
             rebuilt = rebuilt * degrees[d] + c[d]
         assert rebuilt == r
     assert train.rank_coords(degrees, 1)["tp"] == (1 if degrees["tp"] > 1 else 0)
-    for name, dims in train.GROUPS.items():
-        groups = train.group_ranks(degrees, dims)
+    for name, dims in parallelize.GROUPS.items():
+        groups = parallelize.group_ranks(degrees, dims)
         assert sorted(sorted(g) for g in groups) == _reference_groups(degrees, dims), name
         # a partition of the world into groups of the product of the dims' degrees
         assert sorted(r for g in groups for r in g) == list(range(world))
@@ -169,12 +170,12 @@ def test_group_membership(degrees):
 
 def test_known_layout_by_hand():
     d = dict(pp=2, dp_replicate=1, dp_shard=2, cp=2, tp=2)  # 16 ranks
-    assert train.group_ranks(d, ("tp",))[:2] == [[0, 1], [2, 3]]
-    assert train.group_ranks(d, ("cp",))[0] == [0, 2]
-    assert train.group_ranks(d, ("dp_shard",))[0] == [0, 4]
-    assert train.group_ranks(d, ("pp",))[0] == [0, 8]
-    assert train.group_ranks(d, ("dp_shard", "cp"))[0] == [0, 2, 4, 6]
-    assert train.group_ranks(d, ("dp_replicate", "dp_shard", "cp"))[1] == [1, 3, 5, 7]
+    assert parallelize.group_ranks(d, ("tp",))[:2] == [[0, 1], [2, 3]]
+    assert parallelize.group_ranks(d, ("cp",))[0] == [0, 2]
+    assert parallelize.group_ranks(d, ("dp_shard",))[0] == [0, 4]
+    assert parallelize.group_ranks(d, ("pp",))[0] == [0, 8]
+    assert parallelize.group_ranks(d, ("dp_shard", "cp"))[0] == [0, 2, 4, 6]
+    assert parallelize.group_ranks(d, ("dp_replicate", "dp_shard", "cp"))[1] == [1, 3, 5, 7]
 
 
 def _real_groups(rank, world, degrees):
@@ -193,8 +194,8 @@ def test_real_gloo_groups_match_arithmetic():
     degrees = dict(pp=2, dp_replicate=1, dp_shard=1, cp=1, tp=2)
     results = run_on_ranks(_real_groups, 4, degrees, timeout=120)
     for rank, groups in enumerate(results):
-        for name, dims in train.GROUPS.items():
-            expected = next(g for g in train.group_ranks(degrees, dims) if rank in g)
+        for name, dims in parallelize.GROUPS.items():
+            expected = next(g for g in parallelize.group_ranks(degrees, dims) if rank in g)
             assert groups[name] == expected, (rank, name)
 
 
@@ -202,18 +203,36 @@ def test_real_gloo_groups_match_arithmetic():
 # LR schedule
 
 
-def test_lr_schedule_shapes():
-    t = config.TrainingConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
-    assert train.lr_at(1, t) == pytest.approx(0.1)
-    assert train.lr_at(10, t) == pytest.approx(1.0)
-    for decay in ("cosine", "linear", "wsd"):
-        t.decay = decay
-        lrs = [train.lr_at(s, t) for s in range(1, 101)]
-        assert lrs[-1] == pytest.approx(0.1), decay  # ends at the minimum
-        assert all(a >= b - 1e-12 for a, b in zip(lrs[9:], lrs[10:])), decay  # non-increasing after warmup
-    t.decay = "cosine"
-    assert train.lr_at(55, t) == pytest.approx(0.55)  # halfway: midpoint of max and min
-    t.decay = "wsd"
-    t.wsd_decay_fraction = 0.2
-    assert train.lr_at(82, t) == pytest.approx(1.0)  # stable until the last 20%
-    assert train.lr_at(91, t) == pytest.approx(1.0 - 0.9 * 0.5)
+def _torchtitan_factor(current_step: int, warmup_steps: int, stable_steps: int, decay_steps: int,
+                       decay_type: str, min_lr_factor: float) -> float:
+    """TorchTitan v0.2's linear_warmup_stable_decay (components/lr_scheduler.py), its
+    LambdaLR factor at the 0-based step, restated here as the reference."""
+    if current_step < warmup_steps:
+        return (current_step + 1) / warmup_steps
+    if current_step < warmup_steps + stable_steps:
+        return 1.0
+    progress = (current_step + 1 - warmup_steps - stable_steps) / decay_steps
+    factor = 1 - progress if decay_type == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_factor + (1 - min_lr_factor) * factor
+
+
+@pytest.mark.parametrize("steps, warmup, decay, fraction, min_ratio", [
+    (15, 2, "wsd", 0.8, 0.0), (100, 10, "wsd", 0.2, 0.1), (37, 5, "wsd", 0.5, 0.0), (20, 0, "wsd", 0.3, 0.25),
+    (100, 10, "cosine", None, 0.1), (30, 3, "linear", None, 0.0)])
+def test_lr_schedule_is_torchtitans(steps, warmup, decay, fraction, min_ratio):
+    """Per-step learning rates equal TorchTitan's (decay_ratio = wsd_decay_fraction for
+    wsd, none for cosine / linear, so they decay over every step after warmup)."""
+    t = config.TrainingConfig(steps=steps, lr=2.0, warmup_steps=warmup, decay=decay, min_lr_ratio=min_ratio,
+                              wsd_decay_fraction=fraction or 0.2)
+    decay_steps = steps - warmup if fraction is None else min(round(steps * fraction), steps - warmup)
+    stable = steps + 1 - warmup - decay_steps
+    kind = "cosine" if decay == "cosine" else "linear"
+    expected = [2.0 * _torchtitan_factor(k, warmup, stable, decay_steps, kind, min_ratio) for k in range(steps)]
+    assert [train.lr_at(s, t) for s in range(1, steps + 1)] == pytest.approx(expected, rel=1e-12)
+
+
+def test_wsd_ends_one_decay_step_above_the_minimum():
+    """The issue's case: 15 steps, warmup 2, fraction 0.8 -> 12 decay steps, the last at 1/12."""
+    t = config.TrainingConfig(steps=15, lr=1.0, warmup_steps=2, decay="wsd", wsd_decay_fraction=0.8, min_lr_ratio=0.0)
+    lrs = [train.lr_at(s, t) for s in range(1, 16)]
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 1.0] + [(12 - i) / 12 for i in range(1, 12)])

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import parallelize
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +84,7 @@ def test_activation_checkpointing_is_applied():
     for mode, option, expected in [("full", "op", [1, 1, 1, 1]), ("selective", 2, [0, 1, 0, 1]),
                                    ("selective", "op", [1, 1, 1, 1]), ("none", "op", [0, 0, 0, 0])]:
         model = llama.build_model(args)
-        train.apply_activation_checkpointing(model, mode, option)
+        parallelize.apply_activation_checkpointing(model, mode, option)
         assert [int(b.checkpoint_fn is not None) for b in model.layers.values()] == expected, (mode, option)
 
 
@@ -95,7 +96,7 @@ def test_selective_op_policy_saves_matmuls_and_attention():
     seen = []
 
     def spy(ctx, op, *a, **k):
-        decision = train._sac_policy(ctx, op, *a, **k)
+        decision = parallelize._sac_policy(ctx, op, *a, **k)
         if not ctx.is_recompute:
             seen.append((str(op), decision))
         return decision
