@@ -69,8 +69,8 @@ import tensor_parallel
 import config
 import train
 from checkpoint import CheckpointError
-from distributed import run_on_ranks
-from test_fsdp import PADDED, _train, _train_argv
+from distributed import run_on_ranks, train_argv, train_rank
+from test_fsdp import PADDED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -417,7 +417,7 @@ TP2_DP2 = ["parallel.tp=2", "parallel.dp_shard=2", "training.micro_batch_size=4"
 
 
 def _argv(run_dir, *overrides: str) -> list[str]:
-    return _train_argv(str(run_dir), *TRAIN_MODEL, *overrides)
+    return train_argv(str(run_dir), *TRAIN_MODEL, *overrides)
 
 
 def _train_stop_at(rank: int, world: int, argv: list[str], stop_step: int) -> list[dict]:
@@ -483,7 +483,7 @@ def test_resume_one_process_is_exact(straight, saved_run, tmp_path):
 @pytest.fixture(scope="module")
 def fsdp2_straight(tmp_path_factory) -> list[dict]:
     """2 ranks (FSDP 2), 20 steps, no checkpoint: the uninterrupted run."""
-    history = run_on_ranks(_train, 2, _argv(tmp_path_factory.mktemp("fsdp2"), *DP2), timeout=180)[0]
+    history = run_on_ranks(train_rank, 2, _argv(tmp_path_factory.mktemp("fsdp2"), *DP2), timeout=180)[0]
     assert [r["step"] for r in history] == list(range(1, STEPS + 1))
     return history
 
@@ -496,7 +496,7 @@ def test_resume_fsdp2_with_async_save_is_exact(fsdp2_straight, tmp_path):
     first = run_on_ranks(_train_stop_at, 2, argv, 10, timeout=180)[0]
     assert [r["step"] for r in first] == list(range(1, 11)) and _losses(first) == _losses(ref)[:10]
     assert checkpoint.list_checkpoints(str(tmp_path / "run" / "checkpoints")) == [10]
-    out = run_on_ranks(_train, 2, argv + ["checkpoint.load=latest"], timeout=180)
+    out = run_on_ranks(train_rank, 2, argv + ["checkpoint.load=latest"], timeout=180)
     assert _losses(out[1]) == _losses(out[0])
     assert [r["step"] for r in out[0]] == list(range(11, STEPS + 1))
     assert _losses(out[0]) == _losses(ref)[10:]
@@ -753,7 +753,7 @@ def test_async_writer_errors_are_reraised(tmp_path, reported_by):
 def test_sigterm_saves_and_the_rerun_continues(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # as this process: the same numerics
-    argv = _train_argv(str(run_dir), "training.steps=200", "checkpoint.interval=1000")
+    argv = train_argv(str(run_dir), "training.steps=200", "checkpoint.interval=1000")
     proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -772,9 +772,9 @@ def test_sigterm_saves_and_the_rerun_continues(tmp_path):
     assert checkpoint.read_metadata(os.path.join(root, f"step-{last}"))["extra"]["dataloader"]["step"] == last
     # The uninterrupted run's loss at step last + 1 depends only on the weights after
     # step `last` and that step's batch (not on the schedule's length).
-    ref = _train_stop_at(0, 1, _train_argv(str(tmp_path / "ref"), "training.steps=200"), last + 1)
+    ref = _train_stop_at(0, 1, train_argv(str(tmp_path / "ref"), "training.steps=200"), last + 1)
     assert _losses(ref[:last]) == _losses(logged)
-    resumed = train.main(_train_argv(str(run_dir), f"training.steps={last + 2}", "checkpoint.load=latest"))
+    resumed = train.main(train_argv(str(run_dir), f"training.steps={last + 2}", "checkpoint.load=latest"))
     assert [r["step"] for r in resumed] == [last + 1, last + 2]
     assert resumed[0]["loss"] == ref[last]["loss"]
 

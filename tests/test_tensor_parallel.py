@@ -29,8 +29,8 @@ compares with it; nothing here only checks that it ran. What is shown:
   * 3 optimizer steps (AdamW, SGD; SP on / off, async TP): parameters equal the
     single-process run's, replicated norms bitwise identical on every TP rank, shards
     different;
-  * float32 loss and grad-norm parity through train.main over 10 steps (1e-4 relative),
-    for SP / loss parallel / async TP / tp 2 and 4 / FSDP x TP, each optimizer on both
+  * float32 loss and grad-norm parity through train.main over 10 steps (within
+    distributed.PARITY_BOUNDS: ~20 float32 ulps of the loss), for SP / loss parallel / async TP / tp 2 and 4 / FSDP x TP, each optimizer on both
     TP degrees;
   * bad input: the errors of apply_tp, of a sequence that SP cannot split, and of
     config.validate.
@@ -50,7 +50,7 @@ import float8
 import config
 import llama
 import tensor_parallel as tp
-from distributed import run_on_ranks
+from distributed import exceeding, loss_parity, run_on_ranks
 
 # `train` is imported inside the functions that need it: it imports fsdp, which imports
 # torch._dynamo (~2.5 s per process), a cost every rank of every call would pay.
@@ -646,21 +646,6 @@ def test_steps_match_single_process_and_replicas_stay_identical(world):
 # ---------------------------------------------------------------------------------------
 # 6. Loss parity through train.main, float32, 10 steps
 
-
-def _train_argv(run_dir: str, *overrides: str) -> list[str]:
-    from test_train import TINY
-
-    return ["--config", os.path.join(ROOT, "configs/debug.yaml"), *TINY, "training.steps=10",
-            "training.dtype=float32", "run.peak_flops=1e12", f"run.dir={run_dir}",
-            f"data.cache_dir={os.path.join(ROOT, '.cache/data')}", *overrides]
-
-
-def _train(rank: int, world: int, argv: list[str]) -> list[dict]:
-    import train
-
-    return train.main(argv)  # the harness's process group is reused, and destroyed at the end
-
-
 HEADS = ["model.n_heads=8", "model.n_kv_heads=4"]  # divisible by tp = 2 and 4 (GQA, head_dim 8)
 SGD = ["training.optimizer=sgd", "training.lr=0.5", "training.momentum=0.9"]
 
@@ -674,37 +659,15 @@ _LOSS_RUNS = [
     ("tp4-async-sgd", HEADS + SGD, 4, ["parallel.tp=4", "parallel.async_tp=true"]),
     ("tp2xdp2-sgd", HEADS + SGD, 4, ["parallel.tp=2", "parallel.dp_shard=2", "training.micro_batch_size=4"]),
 ]
-_references: dict[tuple, list[dict]] = {}
-
-
-def _reference_run(tmp_path_factory, model_opt: list[str]) -> list[dict]:
-    """The single-process run (in this process, a size-1 group), cached per model and
-    optimizer: the oracle for every layout."""
-    import train
-
-    key = tuple(model_opt)
-    if key not in _references:
-        history = train.main(_train_argv(str(tmp_path_factory.mktemp("ref")), *model_opt))
-        losses = [r["loss"] for r in history]
-        assert len(losses) == 10 and losses[-1] < losses[0] - 0.05, losses  # it trains: the test can see a bad step
-        _references[key] = history
-    return _references[key]
 
 
 @pytest.mark.parametrize("name, model_opt, world, layout", _LOSS_RUNS, ids=[r[0] for r in _LOSS_RUNS])
 def test_loss_parity_through_train(tmp_path_factory, name, model_opt, world, layout):
     """DESIGN.md's criterion: same config in float32, same seed, same global batch ->
-    the loss and the gradient norm at every one of 10 steps within 1e-4 relative."""
-    ref = _reference_run(tmp_path_factory, model_opt)
-    out = run_on_ranks(_train, world, _train_argv(str(tmp_path_factory.mktemp(name)), *model_opt, *layout),
-                       timeout=180)
-    for rank in range(1, world):  # the logged loss and norm are the same on every rank
-        assert [(r["loss"], r["grad_norm"]) for r in out[rank]] == [(r["loss"], r["grad_norm"]) for r in out[0]]
-    got = out[0]
-    assert [r["step"] for r in got] == list(range(1, 11))
-    for a, b in zip(got, ref):
-        for key in ("loss", "grad_norm"):
-            assert abs(a[key] - b[key]) <= 1e-4 * abs(b[key]), (name, a["step"], key, a[key], b[key])
+    the loss and the gradient norm at every one of 10 steps within
+    distributed.PARITY_BOUNDS of the single-process run; every rank logs the same."""
+    err = loss_parity(tmp_path_factory, world, model_opt, layout, timeout=180)
+    assert not exceeding(err), (name, err)
 
 
 # ---------------------------------------------------------------------------------------
