@@ -179,3 +179,54 @@ def test_runs_are_determined_by_the_seed(tmp_path):
     torch.use_deterministic_algorithms(False)
     assert a == b  # bitwise: same init, same batches, deterministic kernels
     assert a != c and a[0] != c[0]  # another seed: other weights and other batches
+
+
+def test_no_weight_decay_on_norm_weights():
+    """build_optimizer decays the matrices only. By name: the weight_decay=0 group holds
+    exactly the RMSNorm weights. By behaviour: one step with zero gradients leaves every
+    norm weight unchanged and shrinks every matrix by (1 - lr x weight_decay)."""
+    import config
+    import llama
+
+    args = llama.model_args("debug", dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
+    lr, wd = 0.1, 0.5
+    for optimizer in ("adamw", "sgd"):
+        model = llama.build_model(args, "cpu")
+        llama.init_weights(model, args, 0)
+        opt = train.build_optimizer(model, config.TrainingConfig(optimizer=optimizer, lr=lr, weight_decay=wd))
+        name_of = {p: n for n, p in model.named_parameters()}
+        norms = sorted(n for n in name_of.values() if n.endswith("norm.weight"))
+        assert len(norms) == 2 * args.n_layers + 1  # attention_norm, ffn_norm per block, the final norm
+        groups = {g["weight_decay"]: sorted(name_of[p] for p in g["params"]) for g in opt.param_groups}
+        assert groups == {0.0: norms, wd: sorted(set(name_of.values()) - set(norms))}, (optimizer, groups)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for n, p in model.named_parameters():
+            if n in norms:
+                assert torch.equal(p.detach(), before[n]), (optimizer, n)
+            else:  # AdamW: p x (1 - lr wd); SGD: p - lr (wd p); equal to float32 rounding
+                torch.testing.assert_close(p.detach(), before[n] * (1 - lr * wd), rtol=1e-6, atol=0)
+
+
+def test_tokens_per_sec_and_mfu_by_hand(tmp_path):
+    """The logged tokens_per_sec and mfu on 2 ranks (dp_shard 2), logging every 2nd of 5
+    steps (lines after steps 2, 4 and 5), against a hand computation from each line's
+    elapsed_s: tokens/s per device = steps since the last line x 8 sequences x 32
+    tokens / seconds since the last line / 2 devices; mfu (percent) = 100 x
+    llama.flops_per_token x tokens/s / run.peak_flops."""
+    import llama
+    from distributed import run_on_ranks, train_argv, train_rank
+
+    argv = train_argv(str(tmp_path), "training.steps=5", "run.log_every=2", "parallel.dp_shard=2",
+                      "training.micro_batch_size=4", "run.peak_flops=2e11")
+    flops_per_token = llama.flops_per_token(llama.model_args("debug", dim=64, n_layers=2, n_heads=4, n_kv_heads=2), 32)
+    for rank, history in enumerate(run_on_ranks(train_rank, 2, argv, timeout=120)):
+        assert [r["step"] for r in history] == [2, 4, 5], rank
+        last_step, last_elapsed = 0, 0.0
+        for r in history:
+            tokens_per_sec = (r["step"] - last_step) * 8 * 32 / (r["elapsed_s"] - last_elapsed) / 2
+            assert r["tokens_per_sec"] == pytest.approx(tokens_per_sec, rel=1e-6), (rank, r)
+            assert r["mfu"] == pytest.approx(100 * flops_per_token * tokens_per_sec / 2e11, rel=1e-6), (rank, r)
+            last_step, last_elapsed = r["step"], r["elapsed_s"]
