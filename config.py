@@ -69,7 +69,9 @@ class TrainingConfig:
     eps: float = 1e-8
     momentum: float = 0.0  # sgd
     seed: int = 0
-    dtype: str = "bfloat16"  # compute dtype: bfloat16 | float32 | float64
+    # Compute dtype: auto | bfloat16 | float32 | float64. auto: bf16 where matmuls run natively
+    # in bf16 (a GPU; a CPU whose measured bf16 GEMM beats fp32), else fp32 (metrics.py).
+    dtype: str = "bfloat16"
     deterministic: bool = False
 
 
@@ -131,6 +133,7 @@ class RunConfig:
     eval_every: int = 100  # 0 = never
     eval_steps: int = 4  # validation batches per evaluation
     peak_flops: float = 0.0  # per device, for MFU; 0 = by device name or measured on CPU
+    peak_cache: str = ".cache/peak_flops.json"  # measured CPU GEMM rates, per CPU model / torch / threads / dtype
 
 
 @dataclass
@@ -149,7 +152,7 @@ class Config:
 CHOICES = {
     "training.decay": ("cosine", "linear", "wsd"),
     "training.optimizer": ("adamw", "sgd"),
-    "training.dtype": ("bfloat16", "float32", "float64"),
+    "training.dtype": ("auto", "bfloat16", "float32", "float64"),
     "parallel.pp_schedule": tuple(pipeline.SCHEDULES),
     "parallel.cp_rotate": context_parallel.ROTATE,
     "float8.recipe": float8.RECIPES,

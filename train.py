@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
 import os
 import platform
-import resource
 import signal
 import sys
 import time
@@ -50,6 +50,7 @@ import context_parallel
 import data
 import fsdp
 import llama
+import metrics
 import pipeline
 import tensor_parallel
 from parallelize import Parallelized, build_groups, destroy_groups, parallelize, rank_coords
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # 2. Distributed init (a size-1 group without torchrun, so every path is the same).
         rank, device = init_distributed(cleanup)
         stop = cleanup.enter_context(StopSignal())
+        cfg = resolve_dtype(cfg, device)
         # 3. Process groups for the [pp, dp_replicate, dp_shard, cp, tp] layout.
         groups = build_groups(plan.degrees, rank)
         cleanup.callback(destroy_groups, groups)
@@ -178,6 +180,22 @@ def init_distributed(cleanup: contextlib.ExitStack) -> tuple[int, torch.device]:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     cleanup.callback(dist.destroy_process_group)
     return rank, device
+
+
+def resolve_dtype(cfg: config.Config, device: torch.device) -> config.Config:
+    """training.dtype auto: the dtype rank 0 measures to run matmuls fastest
+    (metrics.pick_dtype), the same on every rank, logged with the reason."""
+    if cfg.training.dtype != "auto":
+        return cfg
+    names = list(config.DTYPES)
+    choice = torch.zeros(1, dtype=torch.int64, device=device)
+    if dist.get_rank() == 0:
+        name, why = metrics.pick_dtype(device, cfg.run.peak_cache)
+        choice[0] = names.index(name)
+        log(f"training.dtype auto: {name}, because {why}")
+    if dist.get_world_size() > 1:
+        dist.broadcast(choice, src=0)  # comm: world, one int64 at start-up (every rank computes alike)
+    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, dtype=names[int(choice)]))
 
 
 class StopSignal(contextlib.AbstractContextManager):
@@ -478,7 +496,10 @@ class Meter:
     def __init__(self, cfg: config.Config, plan: config.Plan, device: torch.device, first_step: int,
                  cleanup: contextlib.ExitStack):
         self.flops_per_token = llama.flops_per_token(plan.model_args, cfg.data.seq_len)
-        self.peak, source = peak_flops(cfg, device, config.DTYPES[cfg.training.dtype])
+        # The peak: given, a GPU's spec, or this CPU's measured (cached) GEMM rate, which
+        # rank 0 measures alone (ranks measuring at once would slow each other down).
+        self.peak = metrics.Peak(cfg.run.peak_flops, device, cfg.training.dtype, cfg.run.peak_cache,
+                                 measure=dist.get_rank() == 0 or cfg.run.peak_flops > 0)
         self.devices = dist.get_world_size()  # tokens/s and MFU are per device
         self.first_step, self.history = first_step, []
         self.start = self.last_time = time.perf_counter()
@@ -488,9 +509,9 @@ class Meter:
             path = os.path.join(cfg.run.dir, "metrics.jsonl")
             self.file = cleanup.enter_context(open(path, "a" if first_step > 1 else "w"))
         log(f"model {cfg.model.name}: {llama.num_params(plan.model_args):,} parameters, "
-            f"{self.flops_per_token / 1e6:.1f} MFLOP/token | peak {self.peak / 1e12:.3f} TFLOP/s ({source}) | "
-            f"batch {cfg.training.batch_size} x {cfg.data.seq_len} = {plan.global_tokens:,} tokens/step, "
-            f"{plan.grad_accum} micro-steps of {cfg.training.micro_batch_size}/rank")
+            f"{self.flops_per_token / 1e6:.1f} MFLOP/token | peak {self.peak.flops / 1e12:.3f} TFLOP/s "
+            f"({self.peak.source}) | batch {cfg.training.batch_size} x {cfg.data.seq_len} = "
+            f"{plan.global_tokens:,} tokens/step, {plan.grad_accum} micro-steps of {cfg.training.micro_batch_size}/rank")
 
 
 def log_step(run: Run, meter: Meter, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -503,15 +524,19 @@ def log_step(run: Run, meter: Meter, step: int, loss: torch.Tensor, grad_norm: t
     meter.last_step, meter.last_time = step, now
     record = {
         "step": step, "loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr_at(step, cfg.training),
-        "tokens_per_sec": tps, "mfu": 100 * meter.flops_per_token * tps / meter.peak if meter.peak > 0 else None,
-        "memory_gb": memory_gb(run.device), "elapsed_s": now - meter.start,
+        "tokens_per_sec": tps, "mfu": None,
+        "memory_gb": metrics.memory_gb(run.device), "elapsed_s": now - meter.start,
         "eta_s": (now - meter.start) / (step - meter.first_step + 1) * (cfg.training.steps - step),
     }
+    record["mfu"], note = meter.peak.mfu(meter.flops_per_token * tps, log)
+    if note is not None:
+        record["mfu_note"] = note
     if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.training.steps):
         record["val_loss"] = evaluate(run)
     meter.history.append(record)
     if meter.file is not None:
         mfu = f"{record['mfu']:.2f}%" if record["mfu"] is not None else "n/a"
+        mfu += f" ({note})" if note is not None else ""
         val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
         log(f"step {step:5d} | loss {loss_value:.4f}{val} | grad norm {record['grad_norm']:.3f} | "
             f"lr {record['lr']:.2e} | {tps:,.0f} tok/s | mfu {mfu} | mem {record['memory_gb']:.2f} GiB | "
@@ -541,42 +566,6 @@ def evaluate(run: Run) -> float:
         totals[0] = all_reduce_sum(totals[0].clone(), run.groups["pp"])
     totals = all_reduce_sum(totals, run.groups["loss"])
     return (totals[0] / totals[1]).item()
-
-
-PEAK_FLOPS = {"H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
-              "A100": 312e12, "B200": 2.25e15, "MI300X": 1300e12}
-
-
-def measure_gemm_peak(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
-    """FLOP/s of the best of `reps` n^3 matmuls on this CPU in `dtype`: the MFU
-    denominator on CPU, where no vendor peak applies."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm up
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def peak_flops(cfg: config.Config, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s per device or 0 if unknown, where the figure came from)."""
-    if cfg.run.peak_flops > 0:
-        return cfg.run.peak_flops, "run.peak_flops"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_FLOPS.items():
-            if key in name:
-                return value, f"{name} bf16 spec"
-        return 0.0, f"{name}: unknown peak"
-    return measure_gemm_peak(dtype), f"measured {str(dtype).removeprefix('torch.')} 1024^3 GEMM on this CPU"
-
-
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
 def log(msg: str) -> None:
