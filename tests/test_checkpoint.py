@@ -15,7 +15,7 @@ What is proved here, each against an independent reference (never only "it ran")
     (20 steps straight vs 20 steps saving every 10, step-20 deleted, rerun from latest;
     the rerun's step-20 checkpoint is byte-identical to the first one's) and FSDP 2
     ranks with async save; resume under another layout (TP 2 x FSDP 2 -> one process)
-    within 1e-5 relative of the uninterrupted run;
+    within the float32 parity bounds of the uninterrupted run;
   * crash safety: a fault raised after a chunk / after the file / before the commit, and
     a real kill (os._exit in a subprocess) at the same points, leave the previous
     checkpoint the latest and loadable; the next save of that step removes the stale
@@ -69,7 +69,7 @@ import tensor_parallel
 import config
 import train
 from checkpoint import CheckpointError
-from distributed import run_on_ranks, train_argv, train_rank
+from distributed import PARITY_BOUNDS, run_on_ranks, train_argv, train_rank
 from test_fsdp import PADDED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -504,14 +504,16 @@ def test_resume_fsdp2_with_async_save_is_exact(fsdp2_straight, tmp_path):
 
 def test_resume_under_another_layout(straight, tmp_path):
     """Saved by 4 ranks (TP 2 x FSDP 2, preempted at step 10), resumed by one process:
-    steps 11..20 within 1e-5 relative of the uninterrupted one-process run."""
+    steps 11..20 within distributed.PARITY_BOUNDS of the uninterrupted one-process run
+    (float32 rounding only: <= 1.2e-7 loss, 6e-9 gradient norm achieved)."""
     run_on_ranks(_train_stop_at, 4, _argv(tmp_path, *TP2_DP2, "checkpoint.interval=10"), 10, timeout=180)
     meta = checkpoint.read_metadata(str(tmp_path / "checkpoints" / "step-10"))
     assert meta["world_size"] == 4 and meta["layout"] == "pp1 dp1x2 cp1 tp2"
     resumed = train.main(_argv(tmp_path, "checkpoint.load=latest"))
     assert [r["step"] for r in resumed] == list(range(11, STEPS + 1))
     for got, want in zip(resumed, straight[10:]):
-        assert abs(got["loss"] - want["loss"]) <= 1e-5 * abs(want["loss"]), (got["step"], got["loss"], want["loss"])
+        for key in ("loss", "grad_norm"):
+            assert abs(got[key] - want[key]) <= PARITY_BOUNDS[key] * want[key], (got["step"], key, got[key], want[key])
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import yaml
 
 import parallelize
 import train
+from distributed import PARITY_BOUNDS, run_on_ranks, train_argv, train_rank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny model on the builtin corpus: seconds per run.
@@ -120,7 +121,9 @@ def test_selective_op_policy_saves_matmuls_and_attention():
 def test_compile_matches_eager(tmp_path):
     ref = losses(run(tmp_path / "eager", "training.steps=3", "training.dtype=float32"))
     got = losses(run(tmp_path / "compiled", "training.steps=3", "training.dtype=float32", "compile=true"))
-    assert got == pytest.approx(ref, rel=1e-4)
+    # Bitwise equal here; fused kernels may order a reduction otherwise on another CPU:
+    # the float32 loss bound of the parity tests (~20 ulps).
+    assert got == pytest.approx(ref, rel=PARITY_BOUNDS["loss"], abs=0)
 
 
 def test_clip_grad_norm_matches_torch():
@@ -218,7 +221,6 @@ def test_tokens_per_sec_and_mfu_by_hand(tmp_path):
     tokens / seconds since the last line / 2 devices; mfu (percent) = 100 x
     llama.flops_per_token x tokens/s / run.peak_flops."""
     import llama
-    from distributed import run_on_ranks, train_argv, train_rank
 
     argv = train_argv(str(tmp_path), "training.steps=5", "run.log_every=2", "parallel.dp_shard=2",
                       "training.micro_batch_size=4", "run.peak_flops=2e11")
