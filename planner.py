@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import float8
 import llama
@@ -112,6 +113,72 @@ class Comm:
         self.calls[group, kind] += times
         self.bytes[group, kind] += times * int(nbytes)
         self.formulas.setdefault((group, kind), []).append(formula)
+
+
+class CommCounter(TorchDispatchMode):
+    """Measures what `Comm` predicts: calls and bytes handed to every collective issued on
+    this thread while active, per (group name, kind), the same keys as Walker's.
+
+        with CommCounter(names={groups["tp"]: "tp", (0, 1, 2, 3): "dp_shard_cp"}) as seen:
+            step()
+        seen.calls["tp", "all_reduce"], seen.bytes["tp", "all_reduce"]
+
+    It sits at the dispatcher, so nothing is patched: it sees the c10d ops every
+    torch.distributed call becomes (dist.all_reduce, all_gather_into_tensor, isend inside
+    batch_isend_irecv, ...) and the functional collectives that DTensor, FSDP2's peers and
+    loss_parallel issue. As PyTorch's CommDebugMode, it steps aside for tensor subclasses,
+    so a DTensor desugars first and its collectives on plain tensors come back here.
+    Bytes are those of the tensors handed IN (the input of an all-gather, the whole input
+    of a reduce-scatter, the tensor of an all-reduce, what a rank sends), the planner's
+    convention. Receives, barriers and waits move no data of their own: not counted.
+    A group is named by `names` (keys: a ProcessGroup, its c10d group name, or the tuple
+    of its global ranks), else by the description it was created with
+    (dist.new_group(..., group_desc="tp")), else "world" for the default group, else
+    by its ranks. Collectives issued by other threads (an async checkpoint writer) are
+    not seen: dispatch modes are per thread."""
+
+    def __init__(self, names: dict | None = None):
+        super().__init__()
+        self.names = {getattr(k, "group_name", k): v for k, v in (names or {}).items()}
+        self.calls, self.bytes = collections.Counter(), collections.Counter()
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+
+    def _name(self, group) -> str:
+        if isinstance(group, str):  # a functional collective names its group
+            group = dist.distributed_c10d._resolve_process_group(group)
+        else:  # a c10d op holds it boxed as a TorchScript object
+            group = dist.ProcessGroup.unbox(group)
+        ranks = tuple(dist.get_process_group_ranks(group))
+        desc = {"default_pg": "world", "undefined": None}.get(group.group_desc, group.group_desc)
+        return self.names.get(group.group_name) or self.names.get(ranks) or desc or str(ranks)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t not in (torch.Tensor, torch.nn.Parameter) for t in types):
+            return NotImplemented
+        kind = _kind(func.__name__.split(".")[0]) if func.namespace in ("c10d", "_c10d_functional") else None
+        if kind is not None:
+            schema = [a.name for a in func._schema.arguments]
+            values = dict(zip(schema, args)) | (kwargs or {})
+            group = values.get("process_group", values.get("group_name"))
+            handed = next((values[n] for n in schema if n.startswith("input")), args[0])  # else `tensors`
+            key = (self._name(group), kind)
+            self.calls[key] += 1
+            self.bytes[key] += sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(handed))
+        return func(*args, **(kwargs or {}))
+
+
+def _kind(op: str) -> str | None:
+    """The planner's kind of a c10d / functional collective op, None for what moves no
+    data of its own (recv, barrier, wait_tensor, ...)."""
+    for kind, spellings in (("reduce_scatter", ("reduce_scatter",)), ("all_gather", ("allgather", "all_gather")),
+                            ("all_reduce", ("allreduce", "all_reduce")), ("all_to_all", ("alltoall", "all_to_all")),
+                            ("broadcast", ("broadcast",))):
+        if any(s in op for s in spellings):
+            return kind
+    return {"send": "send", "isend": "send", "reduce_": "reduce", "gather_": "gather", "scatter_": "scatter"}.get(op)
 
 
 class Walker:

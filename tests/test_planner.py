@@ -1,10 +1,12 @@
 """The dry-run planner (planner.py) against measurement.
 
-  * communication and memory: small layouts of every technique run ONE real training
-    step through train.main on gloo ranks, with every collective counted per process
-    group (calls and bytes handed in, as planner.py counts them). The planner's
-    prediction for each rank must EQUAL the measurement, call for call and byte for
-    byte, and so must the parameter, gradient and optimizer bytes of each rank;
+  * communication and memory: small layouts of every technique, in float32 and in
+    bfloat16 (the dtype of every paper config), run ONE real training step through
+    train.main on gloo ranks, with every collective counted per process group by
+    planner.CommCounter (calls and bytes handed in, at the dispatcher: nothing patched)
+    and the parameter, gradient and optimizer bytes read by torch.optim's global step
+    hooks. The planner's prediction for each rank must EQUAL the measurement, call for
+    call and byte for byte;
   * activations: one micro-batch forward (with the loss on a last stage) of a rank's
     parallelized model, with its live tensor bytes tallied by a dispatch mode. The
     planner's kept bytes and forward peak (plus FSDP's gathered parameters) must be
@@ -20,14 +22,18 @@ from __future__ import annotations
 
 import collections
 import os
+import weakref
 
 import pytest
 import torch
-import torch.distributed as dist
+import torch.utils.weak
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-import llama
-import planner
 import config
+import llama
+import parallelize
+import planner
 import train
 from distributed import run_on_ranks
 
@@ -73,102 +79,66 @@ LAYOUTS = [
                                      "activation_checkpoint.mode=full"]),
 ]
 
-_KINDS = {"all_reduce": "all_reduce", "all_gather_single": "all_gather", "reduce_scatter_single": "reduce_scatter"}
+def _group_labels(argv: list[str], world: int, rank: int) -> dict[tuple, str]:
+    """The planner's group names of this rank by their global ranks (parallelize.GROUPS, and
+    "world"), for CommCounter. Groups with the same ranks are the same communicator as
+    far as bytes go, so they share one label, e.g. "dp_shard_cp|loss|world"."""
+    degrees = config.validate(config.load_config(argv[1], argv[2:]), world).degrees
+    by_ranks = collections.defaultdict(set, {tuple(range(world)): {"world"}})
+    for name, dims in parallelize.GROUPS.items():
+        ranks = next(r for r in parallelize.group_ranks(degrees, dims) if rank in r)
+        by_ranks[tuple(ranks)].add(name)
+    return {ranks: "|".join(sorted(names)) for ranks, names in by_ranks.items()}
 
 
-class _Counter:
-    """Wraps the collectives the technique files call (module attributes of
-    torch.distributed) and tallies calls and bytes handed in per (group name, kind)."""
-
-    def __init__(self):
-        self.calls, self.bytes = collections.Counter(), collections.Counter()
-        self.names: dict[int, str] = {}
-        self.saved = {}
-
-    def _name(self, group) -> str:
-        if group is None or group is dist.group.WORLD:
-            return "world"
-        return self.names[id(group)]
-
-    def install(self) -> None:
-        for fn_name, kind in _KINDS.items():
-            original = self.saved[fn_name] = getattr(dist, fn_name)
-
-            def counted(*args, _original=original, _kind=kind, **kwargs):
-                t = args[1] if _kind != "all_reduce" else args[0]
-                key = (self._name(kwargs.get("group")), _kind)
-                self.calls[key] += 1
-                self.bytes[key] += t.numel() * t.element_size()
-                return _original(*args, **kwargs)
-            setattr(dist, fn_name, counted)
-        original = self.saved["batch_isend_irecv"] = dist.batch_isend_irecv
-
-        def batched(ops):
-            for op in ops:
-                if op.op is dist.isend:
-                    key = (self._name(op.group), "send")
-                    self.calls[key] += 1
-                    self.bytes[key] += op.tensor.numel() * op.tensor.element_size()
-            return original(ops)
-        dist.batch_isend_irecv = batched
-
-    def uninstall(self) -> None:
-        for name, fn in self.saved.items():
-            setattr(dist, name, fn)
+def _relabel(counts: dict, labels: dict[tuple, str]) -> dict:
+    """A prediction's {(group, kind): n} under the labels of _group_labels."""
+    label = {name: text for text in labels.values() for name in text.split("|")}
+    out = collections.Counter()
+    for (group, kind), n in counts.items():
+        out[label[group], kind] += n
+    return dict(out)
 
 
 def _measure(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
-    """One training step per argv, with every collective counted; and the bytes of the
-    parameters, of the gradients (at clipping) and of the optimizer state (after the step)."""
+    """One training step per argv, with every collective counted (planner.CommCounter);
+    and, from torch.optim's global step hooks, the bytes of the parameters and gradients
+    the optimizer steps and of its state after the step."""
     results = []
     for argv in runs:
-        counter, seen = _Counter(), {}
-        build_groups, build_optimizer, clip = train.build_groups, train.build_optimizer, train.clip_grad_norm
+        seen = {}
 
-        def groups_named(degrees, r):
-            groups = build_groups(degrees, r)
-            counter.names.update({id(g): name for name, g in groups.items()})
-            return groups
-
-        def optimizer_kept(model, t):
-            seen["optimizer"] = build_optimizer(model, t)
-            return seen["optimizer"]
-
-        def clip_measured(params, *args):
+        def before_step(opt, args, kwargs):
+            params = [p for g in opt.param_groups for p in g["params"]]
+            seen["params"] = sum(p.numel() * p.element_size() for p in params)
             seen["grads"] = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-            return clip(params, *args)
-        train.build_groups, train.build_optimizer, train.clip_grad_norm = groups_named, optimizer_kept, clip_measured
-        counter.install()
+
+        def after_step(opt, args, kwargs):
+            state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+            seen["optimizer"] = sum(t.numel() * t.element_size() for t in state)
+        hooks = [register_optimizer_step_pre_hook(before_step), register_optimizer_step_post_hook(after_step)]
         try:
-            train.main(argv)
+            with planner.CommCounter(names=_group_labels(argv, world, rank)) as counter:
+                train.main(argv)
         finally:
-            counter.uninstall()
-            train.build_groups, train.build_optimizer, train.clip_grad_norm = build_groups, build_optimizer, clip
-        opt = seen["optimizer"]
-        params = [p for g in opt.param_groups for p in g["params"]]
-        state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        results.append({
-            "calls": dict(counter.calls), "bytes": dict(counter.bytes),
-            "params": sum(p.numel() * p.element_size() for p in params), "grads": seen["grads"],
-            "optimizer": sum(t.numel() * t.element_size() for t in state)})
+            for hook in hooks:
+                hook.remove()
+        results.append({"calls": dict(counter.calls), "bytes": dict(counter.bytes), **seen})
     return results
 
 
 def _predicted(argv: list[str], world: int, rank: int) -> dict:
     cfg = config.load_config(argv[1], argv[2:])
     report = planner.plan_rank(cfg, world, rank)
-    calls = report.comm.calls + report.logged.calls
-    nbytes = report.comm.bytes + report.logged.bytes
-    return {"calls": dict(calls), "bytes": dict(nbytes), "params": report.memory["params"],
+    labels = _group_labels(argv, world, rank)
+    calls = _relabel(report.comm.calls + report.logged.calls, labels)
+    nbytes = _relabel(report.comm.bytes + report.logged.bytes, labels)
+    return {"calls": calls, "bytes": nbytes, "params": report.memory["params"],
             "grads": report.memory["grads"], "optimizer": report.memory["optimizer"]}
 
 
-@pytest.mark.parametrize("world", sorted({w for _, w, _ in LAYOUTS}))
-def test_bytes_and_memory_equal_the_measurement(tmp_path, world):
-    layouts = [(name, overrides) for name, w, overrides in LAYOUTS if w == world]
-    runs = [_argv(str(tmp_path / name), *overrides) for name, overrides in layouts]
-    measured = run_on_ranks(_measure, world, runs, timeout=600)
-    for i, (name, _) in enumerate(layouts):
+def _compare(measured: list[list[dict]], runs: list[list[str]], names: list[str], world: int) -> None:
+    for i, name in enumerate(names):
         for rank in range(world):
             got, want = measured[rank][i], _predicted(runs[i], world, rank)
             assert got["calls"] == want["calls"], (name, rank, got["calls"], want["calls"])
@@ -177,11 +147,51 @@ def test_bytes_and_memory_equal_the_measurement(tmp_path, world):
                 assert got[key] == want[key], (name, rank, key, got[key], want[key])
 
 
-def test_the_counter_sees_a_wrong_prediction():
-    """The comparison above can fail: a layout's prediction differs from another's."""
-    a = _predicted(_argv("/tmp/x", "parallel.tp=2"), 2, 0)
-    b = _predicted(_argv("/tmp/x", "parallel.tp=2", "parallel.sequence_parallel=false"), 2, 0)
-    assert a["bytes"] != b["bytes"] and a["calls"] != b["calls"]
+@pytest.mark.parametrize("world", sorted({w for _, w, _ in LAYOUTS}))
+def test_bytes_and_memory_equal_the_measurement(tmp_path, world):
+    layouts = [(name, overrides) for name, w, overrides in LAYOUTS if w == world]
+    runs = [_argv(str(tmp_path / name), *overrides) for name, overrides in layouts]
+    _compare(run_on_ranks(_measure, world, runs, timeout=600), runs, [name for name, _ in layouts], world)
+
+
+# bfloat16, the dtype of every paper config: FSDP gathers in bf16 and reduce-scatters in
+# float32; without FSDP, autocast makes the matmul outputs bf16 while the residual stream
+# stays float32; the pipeline sends bf16 activations only under FSDP. Master weights,
+# gradients and AdamW state stay float32.
+BF16_LAYOUTS = [
+    ("bf16-fsdp2", 2, ["parallel.dp_shard=2", "training.micro_batch_size=4"]),
+    ("bf16-tp2-nosp-autocast", 2, ["parallel.tp=2", "parallel.sequence_parallel=false",
+                                   "parallel.loss_parallel=false"]),
+    ("bf16-tp2-async", 2, ["parallel.tp=2", "parallel.async_tp=true"]),
+    ("bf16-cp2-ring", 2, ["parallel.cp=2"]),
+    ("bf16-pp2-1f1b", 2, ["parallel.pp=2", "parallel.pp_microbatches=4"]),
+    ("bf16-hsdp2x2", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "training.micro_batch_size=2"]),
+    ("bf16-fsdp2-tp2-sp", 4, ["parallel.tp=2", "parallel.dp_shard=2", "training.micro_batch_size=4"]),
+    ("bf16-pp2-fsdp2", 4, ["parallel.pp=2", "parallel.dp_shard=2", "training.micro_batch_size=4",
+                           "parallel.pp_microbatches=2"]),
+    ("bf16-cp2-tp2-ring", 4, ["parallel.cp=2", "parallel.tp=2"]),
+    ("bf16-float8-fsdp2-tp2-gather8", 4, ["float8.enabled=true", "float8.fsdp_float8_all_gather=true",
+                                          "parallel.tp=2", "parallel.dp_shard=2", "training.micro_batch_size=4"]),
+]
+
+
+@pytest.mark.parametrize("world", sorted({w for _, w, _ in BF16_LAYOUTS}))
+def test_bf16_bytes_and_memory_equal_the_measurement(tmp_path, world):
+    layouts = [(name, overrides) for name, w, overrides in BF16_LAYOUTS if w == world]
+    runs = [_argv(str(tmp_path / name), "training.dtype=bfloat16", *overrides) for name, overrides in layouts]
+    _compare(run_on_ranks(_measure, world, runs, timeout=600), runs, [name for name, _ in layouts], world)
+
+
+def test_the_counter_sees_a_wrong_prediction(tmp_path):
+    """The comparison above can fail: one measured step of tp 2 with sequence parallel
+    equals its own prediction and differs from the prediction without it."""
+    run = _argv(str(tmp_path / "tp2"), "parallel.tp=2")
+    (got,), _ = run_on_ranks(_measure, 2, [run], timeout=300)
+    assert got["bytes"][("tp|world", "reduce_scatter")] > 0  # one communicator, two names
+    right = _predicted(run, 2, 0)
+    wrong = _predicted(_argv(str(tmp_path / "tp2"), "parallel.tp=2", "parallel.sequence_parallel=false"), 2, 0)
+    assert (got["calls"], got["bytes"]) == (right["calls"], right["bytes"])
+    assert got["calls"] != wrong["calls"] and got["bytes"] != wrong["bytes"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,17 +226,47 @@ ACT_LAYOUTS = [
 ]
 
 
+class LiveBytes(TorchDispatchMode):
+    """Allocator-independent tally of live tensor bytes: every storage of `seed` (alive
+    before) and every storage an op returns counts once, until Python frees it (a weakref
+    on the storage); `peak` is the maximum. Buffers a kernel uses internally and never
+    returns are not seen; nor is a storage resize_ (FSDP2's; ours, measured here, does
+    not resize)."""
+
+    def __init__(self, seed: list[torch.Tensor]):
+        super().__init__()
+        self.seen = torch.utils.weak.WeakIdKeyDictionary()  # storage -> its bytes
+        self.live = self.peak = 0
+        for t in seed:
+            self._track(t.untyped_storage())
+
+    def _track(self, s) -> None:
+        if s not in self.seen:
+            self.seen[s] = n = s.nbytes()
+            self.live += n
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(s, self._free, n)
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._track(t.untyped_storage())
+        return out
+
+
 @pytest.mark.parametrize("name, world, rank, overrides", ACT_LAYOUTS, ids=[x[0] for x in ACT_LAYOUTS])
 def test_activation_estimate_within_15_percent(name, world, rank, overrides):
-    import bench  # its allocator-independent live-bytes tally
-
     cfg = config.load_config(os.path.join(ROOT, "configs/debug.yaml"), ACT_MODEL + overrides)
     plan = config.validate(cfg, world)
     d = plan.degrees
     with planner.fake_world(world, rank):
-        groups = train.build_groups(d, rank)
-        coords = train.rank_coords(d, rank)
-        par = train.parallelize(cfg, plan, groups, coords, "meta")
+        groups = parallelize.build_groups(d, rank)
+        coords = parallelize.rank_coords(d, rank)
+        par = parallelize.parallelize(cfg, plan, groups, coords, "meta")
         (s, stage), = par.stages.items()
         llama.materialize(stage, torch.device("cpu"))
         llama.init_weights(stage, plan.model_args, 0)
@@ -244,7 +284,7 @@ def test_activation_estimate_within_15_percent(name, world, rank, overrides):
             x = torch.randn(B, S // d["tp"] if sp else S, plan.model_args.dim, requires_grad=True)
             positions = torch.arange(S)
         labels = torch.randint(0, plan.model_args.vocab_size, (B, S))
-        live = bench._LiveBytes([*stage.parameters(), x])
+        live = LiveBytes([*stage.parameters(), x])
         with live:
             start = live.live
             out = stage(x, positions)  # kept alive, as train.main's `logits`
@@ -266,7 +306,7 @@ def test_activation_estimate_within_15_percent(name, world, rank, overrides):
 
 
 def test_dry_run_405b_on_512_ranks(capsys):
-    train.main(["--config", os.path.join(ROOT, "configs/llama3_405b.yaml"), "--dry-run", "--world-size", "512"])
+    planner.main(["--config", os.path.join(ROOT, "configs/llama3_405b.yaml"), "--world-size", "512"])
     out = capsys.readouterr().out
     for line in ("on 512 ranks, layout pp8 dp1x8 cp1 tp8", "memory per rank", "activations per micro-batch",
                  "FLOPs per step per rank", "FSDP (dp_shard x cp), 8 ranks", "tensor parallel (tp), 8 ranks",
@@ -303,11 +343,9 @@ def test_parameters_add_up_over_the_ranks():
 
 def test_bad_input():
     debug = os.path.join(ROOT, "configs/debug.yaml")
-    with pytest.raises(ValueError, match="--dry-run needs --world-size"):
-        train.main(["--config", debug, "--dry-run"])
-    with pytest.raises(ValueError, match="--world-size is for --dry-run"):
-        train.main(["--config", debug, "--world-size", "4"])
+    with pytest.raises(ValueError, match="--world-size 0 must be >= 1"):
+        planner.main(["--config", debug, "--world-size", "0"])
     with pytest.raises(ValueError, match="multiply to 8, but the world size is 4"):
-        train.main(["--config", debug, "--dry-run", "--world-size", "4", "parallel.tp=2", "parallel.dp_shard=4"])
+        planner.main(["--config", debug, "--world-size", "4", "parallel.tp=2", "parallel.dp_shard=4"])
     with pytest.raises(ValueError, match=r"--rank 4 is not in \[0, 4\)"):
-        train.main(["--config", debug, "--dry-run", "--world-size", "4", "--rank", "4", "training.micro_batch_size=2"])
+        planner.main(["--config", debug, "--world-size", "4", "--rank", "4", "training.micro_batch_size=2"])
