@@ -1,12 +1,12 @@
 """Dry-run planner: what one rank of a layout holds, computes and sends per step, on paper.
 
-    python train.py --config configs/llama3_405b.yaml --dry-run --world-size 512 [--rank R]
+    python planner.py --config configs/llama3_405b.yaml --world-size 512 [--rank R]
     python planner.py --config configs/llama3_8b.yaml --world-size 64      # the same
 
 What it does
     Validates the config for the requested world size, starts a FAKE process group of
     that size in this one process (torch's "fake" backend: new_group works, collectives
-    do nothing), builds the model on the meta device and applies train.parallelize, the
+    do nothing), builds the model on the meta device and applies parallelize.parallelize, the
     same chain a real run applies, for ONE rank. Then it reports, for that rank:
       * memory: parameters, gradients and optimizer state, counted on the parallelized
         meta model AND by formula from the global shapes (the two must agree);
@@ -60,7 +60,10 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import math
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,12 +72,13 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import config
 import float8
 import llama
+import metrics
+import parallelize
 import pipeline
 import tensor_parallel
-import config
-import train
 
 GIB = 2 ** 30
 RING = {"all_gather": lambda n: n - 1, "reduce_scatter": lambda n: (n - 1) / n,
@@ -185,7 +189,7 @@ class Walker:
     """Replays one step of this rank: its micro-steps and pipeline actions, adding what
     every technique issues. Sizes come from the config and the parallelized (meta) model."""
 
-    def __init__(self, cfg: config.Config, plan: config.Plan, par: train.Parallelized, coords: dict):
+    def __init__(self, cfg: config.Config, plan: config.Plan, par: parallelize.Parallelized, coords: dict):
         self.cfg, self.plan, self.par, self.coords = cfg, plan, par, coords
         d = plan.degrees
         self.t, self.cp, self.pp, self.R = d["tp"], d["cp"], d["pp"], d["dp_replicate"]
@@ -433,7 +437,7 @@ def logged_step_comm(plan: config.Plan, world: int) -> Comm:
 # 2. Memory
 
 
-def memory(cfg: config.Config, plan: config.Plan, par: train.Parallelized, coords: dict) -> dict:
+def memory(cfg: config.Config, plan: config.Plan, par: parallelize.Parallelized, coords: dict) -> dict:
     """Parameters, gradients and optimizer state of this rank: counted on the parallelized
     model, and by formula from the global shapes (pipeline split, TP split, FSDP rows)."""
     d, t = plan.degrees, cfg.training
@@ -597,15 +601,19 @@ class Report:
 
 
 def plan_rank(cfg: config.Config, world_size: int, rank: int = 0) -> Report:
-    """Everything above for `rank` of a `world_size` layout, under a fake process group."""
+    """Everything above for `rank` of a `world_size` layout, under a fake process group.
+    training.dtype auto is planned as bfloat16: what it picks on a GPU, the machines a
+    layout is planned for."""
+    if cfg.training.dtype == "auto":
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, dtype="bfloat16"))
     plan = config.validate(cfg, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"--rank {rank} is not in [0, {world_size})")
     started = time.perf_counter()
     with fake_world(world_size, rank):
-        groups = train.build_groups(plan.degrees, rank)
-        coords = train.rank_coords(plan.degrees, rank)
-        par = train.parallelize(cfg, plan, groups, coords, "meta")
+        groups = parallelize.build_groups(plan.degrees, rank)
+        coords = parallelize.rank_coords(plan.degrees, rank)
+        par = parallelize.parallelize(cfg, plan, groups, coords, "meta")
         build_s = time.perf_counter() - started
         comm = Walker(cfg, plan, par, coords).step()
         mem = memory(cfg, plan, par, coords)
@@ -651,7 +659,6 @@ def format_report(r: Report) -> str:
                f"docstring)")
     total = 0
     for s, a in r.activations.items():
-        in_flight = r.bubble["in_flight"] if r.bubble else 1
         out.append(f"  stage {s}: kept {_gib(a['kept'])}, forward peak {_gib(a['peak'])} for T = {a['tokens']:,} "
                    f"tokens (B/m x S/cp); one un-checkpointed block keeps {_gib(a['full_block'])}")
         total += a["kept"]
@@ -707,14 +714,29 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--world-size", type=int, required=True, help="number of ranks of the layout")
     parser.add_argument("--rank", type=int, default=0, help="which rank to describe (default 0)")
+    parser.add_argument("--out", help="also write the report as Markdown to this file (e.g. docs/planner.md), "
+                        "stamped with the machine, the date and the command")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=4")
     cli = parser.parse_args(argv)
     if cli.world_size < 1:
         raise ValueError(f"--world-size {cli.world_size} must be >= 1")
     cfg = config.load_config(cli.config, cli.overrides)
     report = plan_rank(cfg, cli.world_size, cli.rank)
-    print(format_report(report), flush=True)
+    text = format_report(report)
+    print(text, flush=True)
+    if cli.out:
+        command = " ".join(["python planner.py", *(argv if argv is not None else sys.argv[1:])])
+        with open(cli.out, "w") as f:
+            f.write(f"# Dry run: {cfg.model.name} on {cli.world_size} ranks\n\n{stamp(command)}\n\n```\n{text}\n```\n")
     return report
+
+
+def stamp(command: str) -> str:
+    """Where and when a generated table was made: machine, versions, date, command."""
+    cpu = metrics.cpu_model()
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return (f"- machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, Python "
+            f"{platform.python_version()}\n- date: {when}\n- command: `{command}`")
 
 
 if __name__ == "__main__":
