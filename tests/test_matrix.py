@@ -11,13 +11,14 @@ more than 16 ranks (HSDP x TP x PP x CP = 32) is left out; what config.validate 
 is asserted to be refused with the clash named. Everything else runs 3 SGD steps
 (momentum: a wrong gradient scale shows) in one set of ranks per world size, train.main
 called once per combination, and each loss and gradient norm is compared with the
-single-process run: float32 within 1e-4 relative (DESIGN.md) and the step-1 gradient
-norm within 1e-7; float8 against the single-process float8 run with the same
+single-process run: float32 within distributed.PARITY_BOUNDS (loss 2e-6, gradient norm
+3e-7, the step-1 gradient norm 1e-7: ~10x the float32 rounding achieved, 1.7e-7, 1.6e-8
+and 8.7e-9 here); float8 against the single-process float8 run with the same
 micro-batches (a tensorwise activation scale spans one micro-batch) within FLOAT8_BOUND,
 with CP (each cp rank scales its own tokens) within FLOAT8_CP_BOUND. A deliberately
 wrong run (FSDP with half the lr, as averaging instead of summing gradients would give)
-must fail the comparison. NANOTITAN_MATRIX_TABLE=path writes the README's table.
-About 12 minutes on 2 cores, most of it the 16-rank combinations.
+must fail the loss bound by 1000x (9.7e-3). NANOTITAN_MATRIX_TABLE=path writes the
+README's table. About 10 minutes on 2 cores, most of it the 16-rank combinations.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import pytest
 import data
 import config
 import train
-from distributed import run_on_ranks
+from distributed import PARITY_BOUNDS, run_on_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -63,10 +64,11 @@ AC = {"none": ["activation_checkpoint.mode=none"], "full": ["activation_checkpoi
 AC_PRODUCT = ("none", "full")
 AC_SELECTIVE = ("op", "every2")
 
-# Tolerances: the largest relative difference from the reference over every step, for
-# the loss and the gradient norm alike (measurements in the module docstring).
-FLOAT32_BOUND = 1e-4  # DESIGN.md's criterion
-STEP1_GRAD_NORM_BOUND = 1e-7  # float32: the gradient at the initial weights (as test_context_parallel)
+# Tolerances: the largest relative difference from the reference over every step, as
+# (loss, gradient norm). float32: the loss-parity tests' bounds, derived from float32
+# rounding over 10 steps (3 here amplify less).
+FLOAT32_BOUNDS = (PARITY_BOUNDS["loss"], PARITY_BOUNDS["grad_norm"])
+STEP1_GRAD_NORM_BOUND = PARITY_BOUNDS["grad_norm_step1"]  # float32: the gradient at the initial weights
 FLOAT8_BOUND = 4e-6  # float8 vs the single-process float8 run with the same micro-batches
 FLOAT8_CP_BOUND = 1e-4  # float8 with CP: each cp rank scales its own tokens
 
@@ -252,8 +254,9 @@ def _differences(got: list[tuple[float, float]], ref: list[tuple[float, float]])
     return tuple(max(abs(a[i] - b[i]) / abs(b[i]) for a, b in zip(got, ref)) for i in (0, 1))
 
 
-def _bound(c: Combo) -> float:
-    return FLOAT32_BOUND if not c.float8 else FLOAT8_CP_BOUND if c.cp > 1 else FLOAT8_BOUND
+def _bounds(c: Combo) -> tuple[float, float]:
+    """(loss, gradient norm) bounds of c against its reference."""
+    return FLOAT32_BOUNDS if not c.float8 else (FLOAT8_CP_BOUND,) * 2 if c.cp > 1 else (FLOAT8_BOUND,) * 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -330,8 +333,9 @@ def test_matrix(tmp_path_factory, corpus, world):
         got = out[0][str(c)]
         ref = _reference_of(tmp_path_factory, corpus, c)
         RESULTS[c] = loss, grad_norm = _differences(got, ref)
-        if max(loss, grad_norm) > _bound(c):
-            failures.append(f"{c}: loss {loss:.2e}, grad norm {grad_norm:.2e} > {_bound(c):.0e}\n"
+        if loss > _bounds(c)[0] or grad_norm > _bounds(c)[1]:
+            failures.append(f"{c}: loss {loss:.2e}, grad norm {grad_norm:.2e} > {_bounds(c)[0]:.0e}, "
+                            f"{_bounds(c)[1]:.0e}\n"
                             f"    got {got}\n    ref {ref}")
         if c.float8 and c.cp > 1:
             anchor = anchors[c.layers, c.micro_batch]
@@ -345,7 +349,7 @@ def test_matrix(tmp_path_factory, corpus, world):
     if world == 2:
         ref = _reference_of(tmp_path_factory, corpus, wrong)
         assert abs(out[0]["wrong"][0][1] - ref[0][1]) <= STEP1_GRAD_NORM_BOUND * ref[0][1]  # same gradient at init
-        assert _differences(out[0]["wrong"], ref)[0] > 10 * FLOAT32_BOUND, out[0]["wrong"]  # the step is seen
+        assert _differences(out[0]["wrong"], ref)[0] > 1000 * FLOAT32_BOUNDS[0], out[0]["wrong"]  # the step is seen
     assert not failures, f"{len(failures)} of {len(combos)} runs on {world} ranks failed:\n" + "\n".join(failures)
 
 
@@ -394,8 +398,8 @@ def table() -> str:
         f"{len(ran)} of {len(RUNS)} runnable combinations run, {STEPS} steps each; {len(REFUSED)} refused by "
         f"`config.validate` ({len(MATRIX)} in all; the {len(OVER_16)} combinations of HSDP x TP x PP x CP need 32 "
         f"ranks). Largest relative difference from the single-process run: float32 "
-        f"{worst([c for c in ran if not c.float8])} (bound {FLOAT32_BOUND:.0e}); float8 (against the float8 run "
-        f"with the same micro-batches) {worst([c for c in ran if c.float8 and c.cp == 1])} (bound "
+        f"{worst([c for c in ran if not c.float8])} (bounds {FLOAT32_BOUNDS[0]:.0e}, {FLOAT32_BOUNDS[1]:.0e}); "
+        f"float8 (against the float8 run with the same micro-batches) {worst([c for c in ran if c.float8 and c.cp == 1])} (bound "
         f"{FLOAT8_BOUND:.0e}); float8 with CP {worst(float8_cp)} (bound {FLOAT8_CP_BOUND:.0e}: each cp rank "
         f"scales its own tokens), and against the CP-2 float8 run with the same micro-batches "
         f"{worst(float8_cp, ANCHOR_RESULTS)} (bound {FLOAT8_BOUND:.0e}).",
@@ -417,6 +421,6 @@ def test_table():
     if path:
         missing = [str(c) for c in RUNS if c not in RESULTS]
         assert not missing, f"run the whole module to write the table; not run: {missing[:5]}..."
-        assert all(max(RESULTS[c]) <= _bound(c) for c in RUNS)
+        assert all(RESULTS[c][i] <= _bounds(c)[i] for c in RUNS for i in (0, 1))
         with open(path, "w") as f:
             f.write(text)
