@@ -11,7 +11,7 @@ Protocol (DESIGN.md, "How speed is shown")
     (ours / peer of the medians, of the minimums, and the lowest and highest ratio of
     the same round). Where a bench claims that ours computes what the peer computes
     (the same losses), it raises unless they agree within `parity_tol`.
-    Nothing is monkey-patched: bytes are counted by planner.CommCounter (a dispatch
+    Nothing is monkey-patched: bytes are counted by comm.CommCounter (a dispatch
     mode, the counter the planner's tests use), memory by `peak_bytes` (the CPU
     allocator's own events, through the profiler), time by perf_counter around calls
     the bench makes itself or hooks the technique offers.
@@ -114,7 +114,7 @@ def check_parity(what: str, ours: list[float], peer: list[float], tol: float) ->
 
 
 def by_kind(seen) -> dict[str, tuple[int, int]]:
-    """A planner.CommCounter's tally summed over groups: kind -> (calls, bytes handed in)."""
+    """A comm.CommCounter's tally summed over groups: kind -> (calls, bytes handed in)."""
     calls, nbytes = collections.Counter(), collections.Counter()
     for (_, kind), n in seen.calls.items():
         calls[kind] += n

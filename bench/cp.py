@@ -15,7 +15,7 @@ gradient all-reduce over cp (SUM) + AdamW. There is no peer to time against on C
 2) Step time at --seq: no CP (1 rank), ring and all-gather at cp = 2 and 4, interleaved;
    the first-step losses must equal no CP's within float32's reordering bound (ring
    attention merges blocks in another order), else it raises; the attention bytes of a
-   step (planner.CommCounter) against context_parallel.py's formula.
+   step (comm.CommCounter) against context_parallel.py's formula.
 """
 
 import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa: E401,E702
@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import context_parallel
 import llama
-import planner
+import comm
 import train
 from bench import common
 
@@ -151,9 +151,9 @@ def time_rank(rank: int, world: int, cfg: dict) -> dict:
     for name, cp, _ in configs:
         dist.barrier()
         if (name, cp) in impls:
-            with planner.CommCounter() as seen:
+            with comm.CommCounter() as seen:
                 step(*impls[name, cp], tokens, cp, rank, groups.get(cp))
-            out["comm"][name, cp] = sum(b * planner.RING[k](cp) for (_, k), b in seen.bytes.items() if k != "all_reduce")
+            out["comm"][name, cp] = sum(b * comm.RING[k](cp) for (_, k), b in seen.bytes.items() if k != "all_reduce")
     out["torch_cp"] = try_torch_cp(world, args, tokens)
     return out
 
@@ -257,7 +257,7 @@ def step_time(cli: argparse.Namespace) -> tuple[list[str], list[dict]]:
     lines = [f"### Step time at seq_len {cli.seq}", "",
              f"{cli.reps} interleaved reps after the checked first step; a step = its slowest rank; ranks outside a "
              f"configuration wait at a barrier. First-step losses asserted within {tol:.1e} of no CP's (float32 eps x "
-             f"seq x layers). Attention bytes a ring sends per rank (planner.CommCounter, the gradient all-reduce left "
+             f"seq x layers). Attention bytes a ring sends per rank (comm.CommCounter, the gradient all-reduce left "
              f"out) against context_parallel.py's formula: ring L (3cp-2) |KV_r|, all-gather L 2(cp-1) |KV_r|, |KV_r| "
              f"= 2 Hkv (S/cp) hd 4 B.",
              *common.table(["attention", "cp", "step", "vs no CP", "tokens/s per rank", "attention bytes sent "

@@ -9,7 +9,7 @@ and gradient clipping at 1.0; gloo, 1 thread per rank. Checked first: the losses
 gradient norms of the first 3 steps agree within float32's reordering bound, else it
 raises. Then interleaved rounds (ours, FSDP2, ...) of `steps` steps each; a round's
 time is its slowest rank's mean step. Per rank and step: the bytes handed to each
-collective (planner.CommCounter) and what a ring puts on the wire, against fsdp.py's
+collective (comm.CommCounter) and what a ring puts on the wire, against fsdp.py's
 formula; the peak bytes of a step (all the CPU allocator holds for the system since it
 was built, at its peak during the step: what it keeps between steps counts too) and the
 steady state of shards + gradients + AdamW state, against the unsharded 16 Psi.
@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import fsdp
 import llama
-import planner
+import comm
 import train
 from bench import common
 
@@ -117,7 +117,7 @@ def measured(name: str, args: llama.ModelArgs, state: dict, world: int, micro: l
     its collectives counted."""
     model, opt = setup(name, args, state, world)
     step(model, opt, micro, tokens)
-    with torch.profiler.record_function("measured step"), planner.CommCounter() as seen:
+    with torch.profiler.record_function("measured step"), comm.CommCounter() as seen:
         step(model, opt, micro, tokens)
     out["comm"][name] = common.by_kind(seen)
     # shards + as many bytes of gradients + AdamW state
@@ -136,11 +136,11 @@ def formula(args: llama.ModelArgs, W: int, micro: int) -> tuple[float, str]:
     return sent, f"(W-1)/W (2P + P_r) 4 B x {micro} = {common.mib(sent)} (P {P:,}, P_r {P_r:,})"
 
 
-def handed(comm: dict, W: int) -> tuple[str, float]:
+def handed(tally: dict, W: int) -> tuple[str, float]:
     """'AG x / RS y / AR z (calls)' of the bytes handed in, and the ring-sent total."""
-    text = " / ".join(f"{k} {common.mib(comm.get(k, (0, 0))[1])} ({comm.get(k, (0, 0))[0]})"
+    text = " / ".join(f"{k} {common.mib(tally.get(k, (0, 0))[1])} ({tally.get(k, (0, 0))[0]})"
                       for k in ("all_gather", "reduce_scatter", "all_reduce"))
-    return text, sum(b * planner.RING[k](W) for k, (_, b) in comm.items())
+    return text, sum(b * comm.RING[k](W) for k, (_, b) in tally.items())
 
 
 def compare(W: int, args: llama.ModelArgs, cli: argparse.Namespace) -> tuple[list[str], list[dict]]:
@@ -156,7 +156,7 @@ def compare(W: int, args: llama.ModelArgs, cli: argparse.Namespace) -> tuple[lis
     peak = {n: max(r["peak"][n] for r in res) for n in IMPLS}
     state = {n: max(r["state"][n] for r in res) for n in IMPLS}
     sent_formula, text = formula(args, W, cli.micro)
-    comm = {n: handed(res[0]["comm"][n], W) for n in IMPLS}
+    tallies = {n: handed(res[0]["comm"][n], W) for n in IMPLS}
     psi16 = 16 * llama.num_params(args)
     where = f"{W} ranks{' (oversubscribed)' if W > os.cpu_count() else ''}"
     lines = [f"### {where}", "",
@@ -167,14 +167,14 @@ def compare(W: int, args: llama.ModelArgs, cli: argparse.Namespace) -> tuple[lis
                             "handed in: AG / RS / AR (calls)", "ring-sent (formula)"],
                            [[n, common.ms(times[n]), common.ratio(times[n], times["FSDP2"]) if n == "ours" else "",
                              f"{common.mib(peak[n])} ({peak[n] / peak['FSDP2']:.2f}x FSDP2's)", common.mib(state[n]),
-                             comm[n][0], f"{common.mib(comm[n][1])} ({common.mib(sent_formula)})"] for n in IMPLS])]
+                             tallies[n][0], f"{common.mib(tallies[n][1])} ({common.mib(sent_formula)})"] for n in IMPLS])]
     rows = [common.row("FSDP", f"ours vs FSDP2 (fully_shard), {where}: step time", common.ms(times["ours"]),
                        common.ms(times["FSDP2"]), common.ratio(times["ours"], times["FSDP2"]),
                        f"asserted: first 3 losses within {loss:.0e}, grad norms {norm:.0e} (bound {tol:.0e})"),
             common.row("FSDP", f"{where}: bytes a ring sends per rank and step vs the fsdp.py formula "
-                               f"({common.mib(sent_formula)})", common.mib(comm["ours"][1]),
-                       common.mib(comm["FSDP2"][1]), f"ours {comm['ours'][1] / sent_formula:.3f}x, FSDP2 "
-                       f"{comm['FSDP2'][1] / sent_formula:.3f}x the formula", f"ours {comm['ours'][0]}"),
+                               f"({common.mib(sent_formula)})", common.mib(tallies["ours"][1]),
+                       common.mib(tallies["FSDP2"][1]), f"ours {tallies['ours'][1] / sent_formula:.3f}x, FSDP2 "
+                       f"{tallies['FSDP2'][1] / sent_formula:.3f}x the formula", f"ours {tallies['ours'][0]}"),
             common.row("FSDP", f"{where}: peak bytes per rank in a step (CPU allocator, since built)",
                        common.mib(peak["ours"]), common.mib(peak["FSDP2"]), f"{peak['ours'] / peak['FSDP2']:.2f}x",
                        f"shards + grads + AdamW {common.mib(state['ours'])} = {state['ours'] / psi16:.3f} x "
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     intro = (f"Llama debug dim {cli.dim}, {cli.layers} layers, {llama.num_params(args) / 1e6:.2f}M parameters; "
              f"{cli.micro} micro-batch(es) of {cli.batch} x {cli.seq} tokens per rank; float32; AdamW, clip 1.0; "
              f"gloo, 1 thread per rank; 3 checked steps, then {cli.rounds} interleaved rounds of {cli.steps} steps; "
-             "a round's time = its slowest rank's mean step. Bytes: planner.CommCounter at the dispatcher.")
+             "a round's time = its slowest rank's mean step. Bytes: comm.CommCounter at the dispatcher.")
     return common.report("fsdp", "FSDP: ours (fsdp.py) vs FSDP2 (fully_shard)", intro,
                          (compare(W, args, cli) for W in cli.ranks), cli)
 

@@ -10,7 +10,7 @@ under loss_parallel(), then get_total_norm + full_tensor + clip_grads_with_norm_
 TorchTitan does); gloo, 1 thread per rank. Checked first: the first 3 losses of DTensor
 and of ours async equal ours sync within float32's reordering bound, else it raises.
 Then interleaved steps (ours sync, DTensor, ours async, ...), a barrier before each; a
-step's time is its slowest rank's. Bytes of one step per kind (planner.CommCounter, for
+step's time is its slowest rank's. Bytes of one step per kind (comm.CommCounter, for
 all three alike: DTensor's functional collectives too), and what a ring puts on the
 wire against tensor_parallel.py's formula. The ring ops alone: bench/async_tp.py.
 """
@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import config
 import llama
-import planner
+import comm
 import tensor_parallel
 import train
 from bench import common
@@ -115,7 +115,7 @@ def rank_main(rank: int, world: int, cfg: dict) -> dict:
             out["times"][name].append(time.perf_counter() - start)
     for name, (model, opt) in impls.items():
         dist.barrier()
-        with planner.CommCounter() as seen:
+        with comm.CommCounter() as seen:
             step(name, model, opt, tokens)
         out["comm"][name] = common.by_kind(seen)
     return out
@@ -135,10 +135,10 @@ def formula(args: llama.ModelArgs, W: int, batch: int, seq: int) -> tuple[float,
                    f"(A = B S D = {A:,})")
 
 
-def summary(comm: dict, W: int) -> tuple[str, float]:
+def summary(tally: dict, W: int) -> tuple[str, float]:
     """'all_gather x MiB (n) / ...' of the bytes handed in, and the ring-sent total."""
-    text = " / ".join(f"{k} {common.mib(b)} ({c})" for k, (c, b) in sorted(comm.items()))
-    return text, sum(b * planner.RING[k](W) for k, (_, b) in comm.items())
+    text = " / ".join(f"{k} {common.mib(b)} ({c})" for k, (c, b) in sorted(tally.items()))
+    return text, sum(b * comm.RING[k](W) for k, (_, b) in tally.items())
 
 
 def compare(W: int, args: llama.ModelArgs, cli: argparse.Namespace) -> tuple[list[str], list[dict]]:
@@ -149,7 +149,7 @@ def compare(W: int, args: llama.ModelArgs, cli: argparse.Namespace) -> tuple[lis
                                   res[0]["losses"]["ours sync"], tol) for n in IMPLS[1:]}
     times = {n: common.slowest([r["times"][n] for r in res]) for n in IMPLS}
     sent_formula, text = formula(args, W, cli.batch, cli.seq)
-    comm = {n: summary(res[0]["comm"][n], W) for n in IMPLS}
+    tallies = {n: summary(res[0]["comm"][n], W) for n in IMPLS}
     where = f"{W} ranks{' (oversubscribed)' if W > os.cpu_count() else ''}"
     lines = [f"### {where}", "",
              f"First 3 losses vs ours sync, max relative difference: DTensor {rel['DTensor']:.1e}, ours async "
@@ -158,21 +158,21 @@ def compare(W: int, args: llama.ModelArgs, cli: argparse.Namespace) -> tuple[lis
              *common.table(["impl", "step", "vs DTensor", "vs ours sync", "handed in per kind (calls)",
                             "ring-sent (formula)"],
                            [[n, common.ms(times[n]), common.ratio(times[n], times["DTensor"]) if n != "DTensor" else "",
-                             common.ratio(times[n], times["ours sync"]) if n != "ours sync" else "", comm[n][0],
-                             f"{common.mib(comm[n][1])} ({common.mib(sent_formula)})"] for n in IMPLS])]
+                             common.ratio(times[n], times["ours sync"]) if n != "ours sync" else "", tallies[n][0],
+                             f"{common.mib(tallies[n][1])} ({common.mib(sent_formula)})"] for n in IMPLS])]
     rows = [common.row("TP", f"ours (sync) vs DTensor TP, {where}: step time", common.ms(times["ours sync"]),
                        common.ms(times["DTensor"]), common.ratio(times["ours sync"], times["DTensor"]),
                        f"asserted: first 3 losses within {rel['DTensor']:.0e} (bound {tol:.0e})"),
             common.row("TP", f"{where}: bytes a ring sends per rank and step vs the tensor_parallel.py formula "
-                             f"({common.mib(sent_formula)})", common.mib(comm["ours sync"][1]),
-                       common.mib(comm["DTensor"][1]), f"ours {comm['ours sync'][1] / sent_formula:.3f}x, DTensor "
-                       f"{comm['DTensor'][1] / sent_formula:.3f}x the formula",
-                       f"ours {comm['ours sync'][0]}; DTensor {comm['DTensor'][0]}"),
+                             f"({common.mib(sent_formula)})", common.mib(tallies["ours sync"][1]),
+                       common.mib(tallies["DTensor"][1]), f"ours {tallies['ours sync'][1] / sent_formula:.3f}x, DTensor "
+                       f"{tallies['DTensor'][1] / sent_formula:.3f}x the formula",
+                       f"ours {tallies['ours sync'][0]}; DTensor {tallies['DTensor'][0]}"),
             common.row("async TP", f"ours async vs ours sync TP, {where}: whole-model step time",
                        common.ms(times["ours async"]), common.ms(times["ours sync"]),
                        common.ratio(times["ours async"], times["ours sync"]),
                        f"asserted: first 3 losses within {rel['ours async']:.0e}; bytes "
-                       f"{comm['ours async'][1] / sent_formula:.3f}x the formula")]
+                       f"{tallies['ours async'][1] / sent_formula:.3f}x the formula")]
     return lines, rows
 
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     intro = (f"Llama debug dim {cli.dim}, {cli.layers} layers, {args.n_heads} heads ({args.kv_heads} KV), FFN "
              f"{args.ffn_dim}, vocab {args.vocab_size}, {llama.num_params(args) / 1e6:.2f}M parameters; batch "
              f"{cli.batch} x {cli.seq}; SP + loss parallel; float32; AdamW, clip 1.0; gloo, 1 thread per rank; 3 "
-             f"checked steps, then {cli.reps} interleaved reps; a step = its slowest rank. Bytes: planner.CommCounter.")
+             f"checked steps, then {cli.reps} interleaved reps; a step = its slowest rank. Bytes: comm.CommCounter.")
     return common.report("tp", "TP: ours (tensor_parallel.py) vs DTensor TP", intro,
                          (compare(W, args, cli) for W in cli.ranks), cli)
 

@@ -16,7 +16,7 @@ def test_tp_bench_runs_and_writes_its_table(tmp_path):
     rows = tp.main(["--quick", "--out", str(tmp_path)])
     text = (tmp_path / "tp.md").read_text()
     assert "QUICK RUN" in text and "command: `python bench/tp.py --quick --out" in text
-    assert "send" in text  # async TP's ring, seen by planner.CommCounter
+    assert "send" in text  # async TP's ring, seen by comm.CommCounter
     step, sent, async_tp = rows
     assert "asserted: first 3 losses within" in step["check"]
     assert "ours 1.000x, DTensor" in sent["result"]  # ours sends exactly tensor_parallel.py's formula

@@ -236,3 +236,12 @@ def test_wsd_ends_one_decay_step_above_the_minimum():
     t = config.TrainingConfig(steps=15, lr=1.0, warmup_steps=2, decay="wsd", wsd_decay_fraction=0.8, min_lr_ratio=0.0)
     lrs = [train.lr_at(s, t) for s in range(1, 16)]
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 1.0] + [(12 - i) / 12 for i in range(1, 12)])
+
+
+def test_defaults_that_differ_from_torchtitan():
+    """The README's list of deliberate differences from TorchTitan (v0.2.2 defaults in the
+    comments), pinned so that changing one means changing the list."""
+    t, ac = config.TrainingConfig(), config.ActivationCheckpointConfig()
+    assert (t.decay, t.min_lr_ratio) == ("cosine", 0.1)  # TorchTitan: linear decay to lr_min 0
+    assert ac.mode == "none"  # TorchTitan: selective, every 2nd block
+    assert cfg_of().training.dtype == "auto"  # configs/debug.yaml; TorchTitan: bf16 parameters always

@@ -3,7 +3,7 @@
   * communication and memory: small layouts of every technique, in float32 and in
     bfloat16 (the dtype of every paper config), run ONE real training step through
     train.main on gloo ranks, with every collective counted per process group by
-    planner.CommCounter (calls and bytes handed in, at the dispatcher: nothing patched)
+    comm.CommCounter (calls and bytes handed in, at the dispatcher: nothing patched)
     and the parameter, gradient and optimizer bytes read by torch.optim's global step
     hooks. The planner's prediction for each rank must EQUAL the measurement, call for
     call and byte for byte;
@@ -33,6 +33,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 import config
 import llama
 import parallelize
+import comm
 import planner
 import train
 from distributed import run_on_ranks
@@ -101,7 +102,7 @@ def _relabel(counts: dict, labels: dict[tuple, str]) -> dict:
 
 
 def _measure(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
-    """One training step per argv, with every collective counted (planner.CommCounter);
+    """One training step per argv, with every collective counted (comm.CommCounter);
     and, from torch.optim's global step hooks, the bytes of the parameters and gradients
     the optimizer steps and of its state after the step."""
     results = []
@@ -118,7 +119,7 @@ def _measure(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
             seen["optimizer"] = sum(t.numel() * t.element_size() for t in state)
         hooks = [register_optimizer_step_pre_hook(before_step), register_optimizer_step_post_hook(after_step)]
         try:
-            with planner.CommCounter(names=_group_labels(argv, world, rank)) as counter:
+            with comm.CommCounter(names=_group_labels(argv, world, rank)) as counter:
                 train.main(argv)
         finally:
             for hook in hooks:
