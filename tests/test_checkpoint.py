@@ -65,6 +65,7 @@ import checkpoint
 import data
 import fsdp
 import llama
+import parallelize
 import tensor_parallel
 import config
 import train
@@ -119,7 +120,7 @@ def _layout_groups(layout: str) -> dict:
         degrees = dict(pp=1, dp_replicate=rep, dp_shard=shard, cp=1, tp=tp)
         mine = {}
         for kind in ("tp", "dp_shard_cp", "dp_replicate"):
-            for ranks in train.group_ranks(degrees, train.GROUPS[kind]):
+            for ranks in parallelize.group_ranks(degrees, parallelize.GROUPS[kind]):
                 group = dist.new_group(ranks)
                 if dist.get_rank() in ranks:
                     mine[kind] = group
