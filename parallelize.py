@@ -76,7 +76,7 @@ def build_groups(degrees: dict[str, int], rank: int) -> dict[str, dist.ProcessGr
     mine = {}
     for name, dims in GROUPS.items():
         for ranks in group_ranks(degrees, dims):
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, group_desc=name)  # the name shows in errors and counters
             if rank in ranks:
                 mine[name] = group
     return mine
