@@ -18,7 +18,7 @@ micro-batches (a tensorwise activation scale spans one micro-batch) within FLOAT
 with CP (each cp rank scales its own tokens) within FLOAT8_CP_BOUND. A deliberately
 wrong run (FSDP with half the lr, as averaging instead of summing gradients would give)
 must fail the loss bound by 1000x (9.7e-3). NANOTITAN_MATRIX_TABLE=path writes the
-README's table. About 10 minutes on 2 cores, most of it the 16-rank combinations.
+table of docs/matrix.md. About 10 minutes on 2 cores, most of it the 16-rank combinations.
 """
 
 from __future__ import annotations
@@ -354,7 +354,7 @@ def test_matrix(tmp_path_factory, corpus, world):
 
 
 # ---------------------------------------------------------------------------------------
-# 4. The README table
+# 4. The table of docs/matrix.md
 
 
 def _cell(c: Combo) -> str:
@@ -413,7 +413,7 @@ def table() -> str:
 
 def test_table():
     """With NANOTITAN_MATRIX_TABLE=path, after the whole matrix ran and passed: write the
-    table there (the README's composition matrix)."""
+    table there (docs/matrix.md's composition matrix)."""
     text = table()
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == len(_layouts()) + 1 + len(SELECTIVE_LAYOUTS) + 1
