@@ -264,13 +264,13 @@ def parity(out: list[list[dict]], ref: list[dict]) -> dict[str, float]:
     return err
 
 
-def loss_parity(tmp_path_factory, world_size: int, overrides: list[str], layout: list[str], fn=None,
+def loss_parity(tmp_path_factory, world_size: int, overrides: list[str], layout: list[str],
                 timeout: float = 300.0) -> dict[str, float]:
-    """train.main with overrides + layout on world_size ranks (through `fn`, default
-    train_rank) against the single-process run with overrides: parity's differences."""
+    """train.main with overrides + layout on world_size ranks against the single-process
+    run with overrides: parity's differences."""
     ref = reference_run(tmp_path_factory, overrides)
     argv = train_argv(str(tmp_path_factory.mktemp("parity")), *overrides, *layout)
-    return parity(run_on_ranks(fn or train_rank, world_size, argv, timeout=timeout), ref)
+    return parity(run_on_ranks(train_rank, world_size, argv, timeout=timeout), ref)
 
 
 def exceeding(err: dict[str, float]) -> dict[str, tuple[float, float]]:
