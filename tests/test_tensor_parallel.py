@@ -734,7 +734,7 @@ def _cfg(*overrides: str):
     (["parallel.tp=4", "model.n_kv_heads=2"], r"parallel.tp=4 must divide model.n_heads=8 and model.n_kv_heads=2"),
     (["parallel.tp=4", "model.vocab_size=4098"], r"parallel.tp=4 must divide model.vocab_size = 4098"),
     (["parallel.tp=4", "model.multiple_of=1"], r"parallel.tp=4 must divide the FFN hidden dim .* = 682"),
-    (["parallel.tp=4", "data.seq_len=30"], r"data.seq_len=30 is not divisible by 4"),
+    (["parallel.tp=4", "data.seq_len=30"], r"data.seq_len \(/ parallel.cp under context parallel\) = 30 is not divisible by parallel.tp=4"),
     (["parallel.tp=4", "parallel.sequence_parallel=false", "parallel.async_tp=true"],
      r"async_tp=true needs parallel.sequence_parallel=true"),
     (["parallel.tp=4", "parallel.async_tp=true", "float8.enabled=true"], r"async_tp=true with float8.enabled=true"),
