@@ -7,27 +7,23 @@ What it does
     (<|begin_of_text|> = bos, <|end_of_text|> = eos, ..., <|eot_id|> = base + 9). Meta's
     file gives n_words = 128256 and Meta's ids. Ordinary text never encodes to a special
     id: "<|eot_id|>" typed in a document is just text.
-    Builtin tokenizer: tokenizer/builtin.tiktoken, 3840 ranks (+256 specials = 4096 =
-    the debug preset's vocab_size), made by
-        python data.py train-tokenizer --vocab-size 3840 --out tokenizer/builtin.tiktoken
-    on the train split of the builtin corpus (CPython 3.11.7's stdlib). The trainer
-    counts pre-token (regex chunk) frequencies once, then merges with incremental
-    pair-count updates over unique chunks and a lazy max-heap; ties go to the smallest
-    (left id, right id). The stdlib `re` has no \\p{L}/\\p{N}, so training expands them
-    from `unicodedata`; on the builtin corpus this splits exactly as tiktoken does.
-    Builtin dataset: every *.py under the running Python's stdlib, minus site-/dist-
-    packages and test suites, sorted by relative path, one document per file; every
-    20th file (index % 20 == 19) is the val split. Non-UTF-8 files are skipped (counted).
-    User data: a path, directory or glob of .txt (one document per file), .jsonl (one
-    document per line, field "text") or .bin files (from `python data.py prepare`).
+    Builtin tokenizer: tokenizer/builtin.tiktoken, 3840 ranks + 256 specials = 4096 (the
+    debug preset's vocab_size), made by `python data.py train-tokenizer --vocab-size 3840
+    --out tokenizer/builtin.tiktoken` on the builtin corpus's train split (CPython 3.11.7).
+    Training counts regex chunks once, then merges with incremental pair counts and a lazy
+    max-heap; ties go to the smallest (left id, right id). The stdlib `re` lacks \\p{L} and
+    \\p{N}: they are expanded from `unicodedata` (on the builtin corpus, tiktoken's split).
+    Builtin dataset: the running Python's stdlib *.py (no site-/dist-packages or test
+    suites) by path, a document each; every 20th (index % 20 == 19) is val; non-UTF-8 skipped.
+    User data: a path, directory or glob of .txt (a document per file), .jsonl (one per
+    line, field "text") or .bin files (`python data.py prepare`).
 
 Packing and windows
     Each document is encoded without bos and followed by eos; all documents concatenate
-    into one stream. The stream is cut into non-overlapping windows of seq_len + 1 tokens;
-    inputs = w[:-1], labels = w[1:]. Windows span document boundaries (packing, no padding,
-    no cross-document attention mask: as TorchTitan's default). The tail that does not
-    fill a window is dropped. For user data the val split is the last 1/20 of the token
-    stream (the same cut whether the data is .txt/.jsonl or prepared .bin).
+    into one stream, cut into non-overlapping windows of seq_len + 1 tokens: inputs w[:-1],
+    labels w[1:]. Windows span documents (packing, no padding, no cross-document attention
+    mask: TorchTitan's default); the tail that does not fill a window is dropped. For user
+    data the val split is the last 1/20 of the token stream (.txt/.jsonl or prepared .bin).
 
 .bin format
     X.bin: raw little-endian uint32 token ids, no header, read with np.memmap (never
@@ -40,26 +36,23 @@ Packing and windows
     os.replace it, which is atomic, so a reader sees a whole file or none.
 
 How ranks split a global batch
-    Every optimizer step consumes one global batch of G = global_batch_size windows. The
-    window order is a permutation of all window indices from numpy's PCG64 seeded with
-    (seed, epoch), redrawn each epoch; the last len % G windows of a permutation are
-    skipped. With accum = G // (micro_batch_size * dp_size), call k (k = 0..accum-1) of
-    `next()` on dp rank r returns windows [(k*dp_size + r)*mb, +mb) of the global batch,
-    so the ranks and micro-steps cover it exactly once, disjointly. (Every rank computes
-    the whole permutation; it costs 8 bytes per window.)
+    Every optimizer step consumes one global batch of G = global_batch_size windows, in
+    the order of a permutation of all windows from numpy's PCG64 seeded with (seed,
+    epoch), redrawn each epoch (the last len % G windows are skipped). With accum = G //
+    (micro_batch_size * dp_size), call k of `next()` on dp rank r returns windows
+    [(k*dp_size + r)*mb, +mb) of the global batch: the ranks and micro-steps cover it
+    exactly once, disjointly. (Every rank computes the permutation: 8 bytes per window.)
 
 Determinism and resume
     The batches depend only on (dataset, seq_len, G, seed), never on timing. state_dict()
-    is a few ints (epoch, step in epoch, micro-step, seed, G, seq_len, n_windows) and the
-    same on every rank. Because the global stream of windows does not depend on dp_size
-    or micro_batch_size, a state saved at a step boundary with dp_size 4 resumes with
-    dp_size 2 (or another micro_batch_size) and sees the same global batches.
+    is a few ints (epoch, step in epoch, micro-step, seed, G, seq_len, n_windows), the same
+    on every rank; the global stream does not depend on dp_size or micro_batch_size, so a
+    state saved with dp_size 4 resumes with dp_size 2 and sees the same global batches.
 
 What TorchTitan does differently
-    It streams Hugging Face datasets (c4) with a HF/tiktoken tokenizer, packs greedily
-    per rank and checkpoints each rank's buffer position. We download nothing: the
-    builtin corpus is on every machine, user data is local files, and a global
-    permutation makes the state rank-independent and the layout changeable on resume.
+    It streams Hugging Face datasets (c4) with a HF/tiktoken tokenizer, packs greedily per
+    rank and checkpoints each rank's buffer position. We download nothing (the builtin corpus
+    is on every machine), and a global permutation makes the state rank-independent.
 """
 
 import argparse

@@ -91,14 +91,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # 1. Config, validated before any work (the world size comes from torchrun's env).
     cfg = config.load_config(cli.config, cli.overrides)
     plan = config.validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    t = cfg.training
     # Whatever happens next, the clean-ups registered on the stack run on the way out:
     # groups destroyed, signal handlers restored, the metrics file closed.
     with contextlib.ExitStack() as cleanup:
         # 2. Distributed init (a size-1 group without torchrun, so every path is the same).
         rank, device = init_distributed(cleanup)
         stop = cleanup.enter_context(StopSignal())
-        cfg = resolve_dtype(cfg, device)
+        cfg = resolve_dtype(cfg, device)  # training.dtype auto: measured on rank 0, the same everywhere
+        t = cfg.training
         # 3. Process groups for the [pp, dp_replicate, dp_shard, cp, tp] layout.
         groups = build_groups(plan.degrees, rank)
         cleanup.callback(destroy_groups, groups)
