@@ -311,6 +311,7 @@ RANGES = [
     ("training.lr", lambda v: v > 0, "> 0"),
     ("training.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("training.wsd_decay_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("parallel.pp_microbatches", lambda v: v >= 0, ">= 0 (0: one per pipeline rank)"),
     ("checkpoint.interval", lambda v: v >= 0, ">= 0 (0: never save)"),
     ("checkpoint.keep", lambda v: v >= 0, ">= 0 (0: keep every checkpoint)"),
     ("run.log_every", lambda v: v >= 1, ">= 1"),
@@ -370,5 +371,6 @@ def validate(cfg: Config, world_size: int) -> Plan:
         raise ValueError(f"training.micro_batch_size={t.micro_batch_size} is not divisible by "
                          f"parallel.pp_microbatches={microbatches}")
     return Plan(degrees, dp_size, t.batch_size // per_step, t.batch_size * cfg.data.seq_len, microbatches, args)
+
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
