@@ -350,7 +350,7 @@ class Walker:
             self.comm.add("pp", "all_reduce", 8, "grad-norm square: one float64")
             self.comm.add("pp", "all_reduce", 8, "step loss from the last stage: one float64")
         if self.world > 1:
-            self.comm.add("world", "all_reduce", 4, "stop-signal flag: one float32")
+            self.comm.add("world", "all_reduce", 8, "stop-signal and non-finite-loss flags (safety.py): two float32")
         return self.comm
 
 

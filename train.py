@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ import fsdp
 import llama
 import metrics
 import pipeline
+import safety
 import tensor_parallel
 from parallelize import Parallelized, build_groups, destroy_groups, parallelize, rank_coords
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with contextlib.ExitStack() as cleanup:
         # 2. Distributed init (a size-1 group without torchrun, so every path is the same).
         rank, device = init_distributed(cleanup)
-        stop = cleanup.enter_context(StopSignal())
+        stop = cleanup.enter_context(safety.StopSignal())  # SIGINT / SIGTERM: stop after this step
         cfg = resolve_dtype(cfg, device)  # training.dtype auto: measured on rank 0, the same everywhere
         t = cfg.training
         # 3. Process groups for the [pp, dp_replicate, dp_shard, cp, tp] layout.
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         #     rank ends the loop after the same step on every rank, with a checkpoint.
         meter = Meter(cfg, plan, device, first_step, cleanup)
         for step in range(first_step, t.steps + 1):
-            loss, grad_norm = train_step(run, step)
-            stopping = stop.agreed(device)
+            loss, grad_norm, stopping = checked_step(run, step, stop, ckpt)  # NaN / inf: NonFiniteError
             if step % cfg.run.log_every == 0 or step == t.steps or stopping:
                 log_step(run, meter, step, loss, grad_norm)
             if ckpt is not None and cfg.checkpoint.interval > 0 and (
@@ -196,29 +195,6 @@ def resolve_dtype(cfg: config.Config, device: torch.device) -> config.Config:
     if dist.get_world_size() > 1:
         dist.broadcast(choice, src=0)  # comm: world, one int64 at start-up (every rank computes alike)
     return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, dtype=names[int(choice)]))
-
-
-class StopSignal(contextlib.AbstractContextManager):
-    """SIGINT / SIGTERM set a flag; the loop finishes the current step, then stops.
-    Leaving the `with` restores the previous handlers."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank got a signal (ranks must stop together)."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        if dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # comm: world, one float per step
-        return bool(flag.item())
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,6 +347,22 @@ def resume(run: Run) -> tuple[checkpoint.Checkpointer | None, int]:
 # 10. The loop: one training step
 
 
+def checked_step(run: Run, step: int, stop: safety.StopSignal, ckpt: checkpoint.Checkpointer | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """train_step, then every rank agrees on a stop signal and a finite loss (safety.py).
+    A non-finite step stops the run once a background save of an earlier step is written."""
+    try:
+        loss, grad_norm = train_step(run, step)
+        stopping, loss_not_finite = stop.agreed(run.device, loss)
+        if loss_not_finite:
+            raise safety.NonFiniteError(step, "loss")
+    except safety.NonFiniteError:
+        if ckpt is not None:
+            ckpt.wait()
+        raise
+    return loss, grad_norm, stopping
+
+
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step: grad_accum micro-steps of forward + backward, the sequence-
     parallel norm gradients summed over tp, clipping, the update. Returns (this rank's
@@ -389,6 +381,8 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         tensor_parallel.reduce_sequence_parallel_grads(params, run.tp_group)
     grad_norm = clip_grad_norm(params, cfg.training.max_norm, run.groups["dp_shard_cp"], run.tp_group,
                                run.groups["pp"] if pp > 1 else None)
+    if not torch.isfinite(grad_norm):  # reduced over every rank: all stop here, before the update
+        raise safety.NonFiniteError(step, "gradient norm")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
@@ -590,6 +584,6 @@ def save(run: Run, ckpt: checkpoint.Checkpointer, step: int) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, NotImplementedError, FileNotFoundError) as e:
+    except (ValueError, NotImplementedError, FileNotFoundError, safety.NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
