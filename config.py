@@ -238,7 +238,10 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
     cfg = Config()
     if path is not None:
         with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:  # names the line and column
+                raise ValueError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ValueError(f"{path}: expected a mapping of sections at the top level")
         for key, value in _flatten(tree).items():

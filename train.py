@@ -336,6 +336,9 @@ def resume(run: Run) -> tuple[checkpoint.Checkpointer | None, int]:
         if c.load is not None:
             log(f"checkpoint.load=latest: no checkpoint under {ckpt.root} yet, starting from step 1")
         return ckpt, 1
+    if resumed["step"] >= run.cfg.training.steps:
+        raise ValueError(f"{resumed['path']} is step {resumed['step']}, and training.steps={run.cfg.training.steps}: "
+                         f"nothing to do; raise training.steps to train further")
     run.loader.load_state_dict(resumed["extra"]["dataloader"])
     rng = "restored" if resumed["rng_restored"] else "not restored (another layout)"
     log(f"resumed from {resumed['path']} (saved by {resumed['world_size']} ranks, {resumed['layout']}): "
@@ -584,6 +587,7 @@ def save(run: Run, ckpt: checkpoint.Checkpointer, step: int) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, NotImplementedError, FileNotFoundError, safety.NonFiniteError) as e:
+    except (ValueError, NotImplementedError, FileNotFoundError, checkpoint.CheckpointError,
+            safety.NonFiniteError) as e:  # what a user can cause; a programming error keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -5,7 +5,9 @@ with an error naming the step, on one process and on 2 FSDP ranks alike; nothing
 non-finite is saved, so the newest checkpoint is the newest finite step, and
 `python train.py` ends with an `error:` line and exit 2, not a traceback. Before
 safety.py the same run exited 0 after writing all-NaN checkpoints, and with
-checkpoint.keep=2 pruning removed the last finite one.
+checkpoint.keep=2 pruning removed the last finite one. A YAML syntax error, a corrupt
+checkpoint, and resuming a run already at training.steps end with `error:` and exit 2
+too (before: tracebacks, and a silent exit 0 with nothing done).
 """
 
 import os
@@ -53,3 +55,30 @@ def test_the_command_line_says_error_and_exits_2(tmp_path):
     assert re.search(r"^error: step \d+: the (loss|gradient norm) is not finite", out.stderr, re.M), out.stderr[-2000:]
     assert "Traceback" not in out.stderr
 
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _is_clean_error(out: subprocess.CompletedProcess, pattern: str) -> bool:
+    return out.returncode == 2 and re.search(pattern, out.stderr, re.M) is not None and "Traceback" not in out.stderr
+
+
+def test_user_errors_end_with_an_error_line_not_a_traceback(tmp_path):
+    """A YAML syntax error (file and line named), a corrupt checkpoint, and resuming a
+    run that is already at training.steps ("nothing to do"): `error:` and exit 2."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  steps: [1, 2\n")
+    out = _cli("--config", str(bad))
+    assert _is_clean_error(out, rf"^error: {re.escape(str(bad))} is not valid YAML") and "line 2" in out.stderr, \
+        out.stderr[-2000:]
+
+    run = tmp_path / "run"
+    train.main(train_argv(str(run), "training.steps=2", "checkpoint.interval=2"))
+    out = _cli(*train_argv(str(run), "training.steps=2", "checkpoint.load=latest"))
+    assert _is_clean_error(out, r"^error: .*step-2 is step 2, and training.steps=2: nothing to do"), out.stderr[-2000:]
+
+    (run / "checkpoints" / "step-2" / "metadata.json").write_text("{ not json")
+    out = _cli(*train_argv(str(run), "training.steps=4", "checkpoint.load=latest"))
+    assert _is_clean_error(out, r"^error: .*metadata"), out.stderr[-2000:]
