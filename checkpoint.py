@@ -74,11 +74,13 @@ import json
 import math
 import mmap
 import os
+import pickle
 import re
 import shutil
 import sys
 import threading
 import zlib
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -149,6 +151,15 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _attempt(path: str, fn, *args) -> tuple[Any, str | None]:
+    """(fn(*args), None), or (None, what went wrong) if it raised an OSError; a write
+    error names no file, so `path` says where."""
+    try:
+        return fn(*args), None
+    except OSError as e:
+        return None, f"{e.filename or path}: {e.strerror or e}"
+
+
 def _bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
@@ -157,12 +168,15 @@ class Checkpointer:
     """Saves and loads checkpoints under `root` (the same on every rank; a shared file
     system when ranks are on several machines). Construct it on every rank."""
 
-    def __init__(self, root: str, keep: int = 3, async_save: bool = False):
+    def __init__(self, root: str, keep: int = 3, async_save: bool = False, timeout: timedelta | None = None):
         self.root, self.keep, self.async_save = root, keep, async_save
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         # The writer's own group: its barriers and gathers never touch the training group.
-        self.group = dist.new_group(backend="gloo") if self.world > 1 else None
+        # `timeout` bounds them (None: torch's default, 30 minutes).
+        self.group = None
+        if self.world > 1:
+            self.group = dist.new_group(backend="gloo", timeout=timeout, group_desc="checkpoint")
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.fault_hook = None  # tests: called with a stage name, may raise (crash injection)
@@ -201,16 +215,30 @@ class Checkpointer:
             self.error = e
 
     def _write(self, step: int, snapshot: list[tuple], header: dict) -> None:
+        """Three phases, each ended by a barrier that also tells every rank whether any
+        rank failed with an OSError (disk full, no permission), so that all raise the
+        same CheckpointError and none waits for a rank that gave up: rank 0 makes
+        step-N.tmp; every rank writes its file; rank 0 writes metadata.json, commits and
+        prunes."""
         final = os.path.join(self.root, f"step-{step}")
         tmp = final + ".tmp"
-        if self.rank == 0:
-            os.makedirs(self.root, exist_ok=True)
-            for entry in os.listdir(self.root):  # left by crashed saves (none is in flight now)
-                if entry.startswith("step-") and entry.endswith(".tmp"):
-                    shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
-            os.makedirs(tmp)
-        self._barrier()
+        none = (None, None)
+        _, failure = _attempt(tmp, self._make_tmp, tmp) if self.rank == 0 else none
+        self._barrier(step, failure)
         file = f"rank-{self.rank:05d}.bin"
+        written, failure = _attempt(os.path.join(tmp, file), self._write_file, tmp, file, snapshot)
+        gathered = self._all_gather((written, failure))  # also: every rank's data is durable
+        self._raise_failures(step, [f for _, f in gathered])
+        _, failure = _attempt(final, self._commit, step, tmp, final, header, gathered) if self.rank == 0 else none
+        self._barrier(step, failure)
+
+    def _make_tmp(self, tmp: str) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # this step's own leftover (a crashed save); no other
+        os.makedirs(tmp)
+
+    def _write_file(self, tmp: str, file: str, snapshot: list[tuple]) -> tuple[dict, tuple]:
+        """This rank's chunks, back to back, fsynced: (chunk entries, (file, bytes, CRC-32))."""
         entries, pos, crc = {}, 0, 0
         with open(os.path.join(tmp, file), "wb") as f:
             for name, shape, offset, blob in snapshot:
@@ -224,31 +252,42 @@ class Checkpointer:
             f.flush()
             os.fsync(f.fileno())
         self._fault("after_file")
-        gathered = self._all_gather((entries, (file, pos, crc)))  # also: every rank's data is durable
-        if self.rank == 0:
-            metadata = dict(header, tensors={}, files={})
-            for rank_entries, (name, nbytes, file_crc) in gathered:
-                metadata["files"][name] = dict(nbytes=nbytes, crc32=file_crc)
-                for tensor, e in rank_entries.items():
-                    t = metadata["tensors"].setdefault(tensor, dict(shape=e["shape"], dtype=e["dtype"], chunks=[]))
-                    t["chunks"].append(e["chunk"])
-            meta_tmp = os.path.join(tmp, "metadata.json.tmp")
-            with open(meta_tmp, "w") as f:
-                json.dump(metadata, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(meta_tmp, os.path.join(tmp, "metadata.json"))
-            self._fault("before_commit")
-            if os.path.exists(final):  # the same step saved again (a rerun in the same run.dir):
-                shutil.rmtree(final)  # the one case where the old copy goes before the new commits
-            os.replace(tmp, final)  # the commit point
-            _fsync_dir(self.root)
-            # Prune the oldest of the EARLIER checkpoints; never this one, never later-
-            # numbered ones (a run resumed from an older checkpoint leaves those alone).
-            earlier = [s for s in list_checkpoints(self.root) if s < step]
-            for old in earlier[:max(0, len(earlier) - (self.keep - 1))] if self.keep > 0 else []:
-                shutil.rmtree(os.path.join(self.root, f"step-{old}"), ignore_errors=True)
-        self._barrier()
+        return entries, (file, pos, crc)
+
+    def _commit(self, step: int, tmp: str, final: str, header: dict, gathered: list) -> None:
+        """Rank 0: metadata.json from every rank's entries, the rename, then pruning."""
+        metadata = dict(header, tensors={}, files={})
+        for (rank_entries, (name, nbytes, file_crc)), _ in gathered:
+            metadata["files"][name] = dict(nbytes=nbytes, crc32=file_crc)
+            for tensor, e in rank_entries.items():
+                t = metadata["tensors"].setdefault(tensor, dict(shape=e["shape"], dtype=e["dtype"], chunks=[]))
+                t["chunks"].append(e["chunk"])
+        meta_tmp = os.path.join(tmp, "metadata.json.tmp")
+        with open(meta_tmp, "w") as f:
+            json.dump(metadata, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(meta_tmp, os.path.join(tmp, "metadata.json"))
+        self._fault("before_commit")
+        if os.path.exists(final):  # the same step saved again (a rerun in the same run.dir):
+            shutil.rmtree(final)  # the one case where the old copy goes before the new commits
+        os.replace(tmp, final)  # the commit point
+        _fsync_dir(self.root)
+        # Prune the oldest of the EARLIER checkpoints; never this one, never later-
+        # numbered ones (a run resumed from an older checkpoint leaves those alone).
+        earlier = [s for s in list_checkpoints(self.root) if s < step]
+        for old in earlier[:max(0, len(earlier) - (self.keep - 1))] if self.keep > 0 else []:
+            shutil.rmtree(os.path.join(self.root, f"step-{old}"), ignore_errors=True)
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete the step-N.tmp directories of crashed saves (rank 0; call it only while
+        no other run can be saving here, e.g. holding the run directory's lock)."""
+        if self.rank != 0 or not os.path.isdir(self.root):
+            return []
+        gone = sorted(e for e in os.listdir(self.root) if e.startswith("step-") and e.endswith(".tmp"))
+        for entry in gone:
+            shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+        return gone
 
     def _fault(self, stage: str) -> None:
         if self.fault_hook is not None:
@@ -277,24 +316,34 @@ class Checkpointer:
         dist.all_gather_object(out, obj, group=self.group)  # comm: checkpoint group, the chunk lists
         return out
 
-    def _barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)
+    def _barrier(self, step: int, failure: str | None) -> None:
+        """A barrier that also shares this rank's failure (or None) with every rank."""
+        self._raise_failures(step, self._all_gather(failure))
+
+    def _raise_failures(self, step: int, failures: list[str | None]) -> None:
+        failed = [f"rank {r}: {f}" for r, f in enumerate(failures) if f is not None]
+        if failed:
+            raise CheckpointError(f"step-{step} was not saved under {self.root}: {'; '.join(failed)} "
+                                  f"(disk full or not writable?); the earlier checkpoints are intact")
 
     # -- load -------------------------------------------------------------------------
+
+    def find(self, which: str) -> str | None:
+        """The directory `which` names: "latest" (None if there is no checkpoint under
+        root yet) or a step-N directory."""
+        if which != "latest":
+            return which
+        steps = list_checkpoints(self.root)
+        return os.path.join(self.root, f"step-{steps[-1]}") if steps else None
 
     def load(self, which: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
              layout: str = "") -> dict | None:
         """Fill model (and optimizer) from `which`: "latest" (None if there is no
         checkpoint under root) or a step-N directory. Returns the metadata (step, extra,
         and "rng_restored")."""
-        if which == "latest":
-            steps = list_checkpoints(self.root)
-            if not steps:
-                return None
-            path = os.path.join(self.root, f"step-{steps[-1]}")
-        else:
-            path = which
+        path = self.find(which)
+        if path is None:
+            return None
         metadata = read_metadata(path)
         if optimizer is not None and metadata["optimizer"] not in (None, type(optimizer).__name__):
             raise CheckpointError(f"{path} holds {metadata['optimizer']} state but the optimizer is "
@@ -302,10 +351,7 @@ class Checkpointer:
         targets = {name: (t, shape, offset) for name, (t, shape, offset) in local_chunks(model, None).items()}
         if optimizer is not None:
             targets.update(_optimizer_targets(model, optimizer, metadata))
-        missing = [n for n in targets if n not in metadata["tensors"]]
-        if missing:
-            raise CheckpointError(f"{path} has no tensor {missing[0]} ({len(missing)} missing): "
-                                  f"a checkpoint of another model?")
+        _check_same_model(path, model, metadata)
         files = _Files(path)
         try:
             for name, (t, shape, offset) in targets.items():
@@ -323,6 +369,22 @@ class Checkpointer:
         metadata["rng_restored"] = bool(same_layout and rng)
         metadata["path"] = path
         return metadata
+
+
+def _check_same_model(path: str, model: nn.Module, metadata: dict) -> None:
+    """The model's parameters and the checkpoint's must be the same set with the same
+    global shapes: a tensor missing on either side, or reshaped, is refused by name
+    (loading would drop saved weights and their optimizer state, or invent new ones)."""
+    here = {f"model.{n}": list(getattr(p, "global_shape", p.shape)) for n, p in model.named_parameters()}
+    saved = {n: info["shape"] for n, info in metadata["tensors"].items() if n.startswith("model.")}
+    differences = [f"{n} is not in the checkpoint" for n in here if n not in saved]
+    differences += [f"{n} is in the checkpoint but not in this model" for n in saved if n not in here]
+    differences += [f"{n} has shape {saved[n]} there, {here[n]} here"
+                    for n in here if n in saved and saved[n] != here[n]]
+    if differences:
+        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+        raise CheckpointError(f"{path} holds another model: {shown}. Resume with the model settings it was "
+                              f"saved with (its config is in its metadata.json)")
 
 
 def _optimizer_targets(model: nn.Module, optimizer: torch.optim.Optimizer, metadata: dict) -> dict:
@@ -463,7 +525,14 @@ def load_consolidated(path: str, model: nn.Module) -> None:
     """Fill each rank's shards of `model` from a consolidated state dict (torch.save of
     {name: tensor}, e.g. `export`'s output or Meta's consolidated.00.pth), read with
     weights_only=True and mmap, so nothing is unpickled and only the slices are copied."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, IsADirectoryError) as e:
+        hint = " (a step-N directory resumes with checkpoint.load, or export it first)" if os.path.isdir(path) else ""
+        raise CheckpointError(f"{path} is not a state dict saved with torch.save{hint}: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors "
+                              f"(python checkpoint.py export writes one)")
     for name, p in model.named_parameters():
         if name not in state:
             raise CheckpointError(f"{path} has no tensor {name!r} (it has {len(state)} tensors, e.g. "

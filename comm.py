@@ -354,6 +354,16 @@ class Walker:
         return self.comm
 
 
+def startup_comm(cfg: config.Config, world: int) -> Comm:
+    """What a run sends once before its first step (train.py), besides building groups."""
+    comm = Comm()
+    if world > 1:
+        if cfg.training.dtype == "auto":
+            comm.add("world", "broadcast", 8, "training.dtype auto: rank 0's choice, one int64")
+        comm.add("world", "broadcast", 8, "run.dir claimed or refused by rank 0: one int64")
+    return comm
+
+
 def logged_step_comm(plan: config.Plan, world: int) -> Comm:
     """What a logged step adds: the loss reduced over the data ranks."""
     comm = Comm()

@@ -124,6 +124,10 @@ class CheckpointConfig:
     # A consolidated state dict (checkpoint.py export, or Meta's consolidated.00.pth) to
     # start from instead of the random init (fine-tuning); null = random init.
     initial: str | None = None
+    # Resuming with another optimizer or other hyperparameters (training.*, data.*,
+    # float8.*) than the checkpoint was saved with is refused unless this is true; the
+    # layout (parallel.*, micro_batch_size) and training.steps may always change.
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -134,6 +138,8 @@ class RunConfig:
     eval_steps: int = 4  # validation batches per evaluation
     peak_flops: float = 0.0  # per device, for MFU; 0 = by device name or measured on CPU
     peak_cache: str = ".cache/peak_flops.json"  # measured CPU GEMM rates, per CPU model / torch / threads / dtype
+    collective_timeout_s: float = 600.0  # every process group: a hung or dead rank ends the run after this long
+    overwrite: bool = False  # start a new run in a run.dir that holds one (deletes its checkpoints and metrics)
 
 
 @dataclass
@@ -260,6 +266,22 @@ def config_to_dict(cfg: Config) -> dict:
     return tree
 
 
+# What may differ between a checkpoint's config and the run resuming it, without
+# checkpoint.allow_config_change: how the work is laid out and run (resharding), and
+# how long it goes on. Anything else changes what is computed.
+FREE_ON_RESUME = ("parallel.", "run.", "checkpoint.", "activation_checkpoint.", "compile", "data.cache_dir",
+                  "training.micro_batch_size", "training.steps")
+
+
+def config_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
+    """(key, saved value, value now) for every dotted key that differs ("(unset)" where a
+    key is on one side only, e.g. a model override)."""
+    old, new = _flatten(saved), _flatten(config_to_dict(cfg))
+    keys = list(new) + [k for k in old if k not in new]
+    pairs = [(k, old.get(k, "(unset)"), new.get(k, "(unset)")) for k in keys]
+    return [(k, was, now) for k, was, now in pairs if was != now]
+
+
 # ---------------------------------------------------------------------------------------
 # 2. Validation: everything that can be known before any work
 
@@ -320,6 +342,7 @@ RANGES = [
     ("run.log_every", lambda v: v >= 1, ">= 1"),
     ("run.eval_every", lambda v: v >= 0, ">= 0 (0: never)"),
     ("run.eval_steps", lambda v: v >= 1, ">= 1"),
+    ("run.collective_timeout_s", lambda v: v > 0, "> 0 (seconds)"),
 ]
 
 

@@ -28,12 +28,12 @@ Packing and windows
 .bin format
     X.bin: raw little-endian uint32 token ids, no header, read with np.memmap (never
     loaded whole). X.bin.json, the sidecar: {"dtype": "uint32", "n_tokens", "max_id",
-    "n_words", "tokenizer_sha256", "tokenizer"}. The sidecar is written last (temp file +
-    os.replace), so its presence is the commit point; a .bin whose sidecar names another
-    tokenizer sha256 is refused. load_dataset caches tokenized .txt/.jsonl/builtin text
-    the same way under cache_dir, keyed by sha256(file names + sizes + mtimes, tokenizer
-    sha256, split); ranks racing to build it each write a private temp file and
-    os.replace it, which is atomic, so a reader sees a whole file or none.
+    "n_words", "tokenizer_sha256", "tokenizer"}, written last (temp file + os.replace): its
+    presence is the commit point. A .bin of another tokenizer (sha256) is refused. Every
+    window read is checked against model.vocab_size (one max; max_id misses bytes corrupted
+    later): a bad id stops the run, naming the file and token offset. load_dataset caches
+    .txt/.jsonl/builtin text the same way in cache_dir, keyed by sha256(file names + sizes +
+    mtimes, tokenizer sha256, split); racing ranks os.replace private temp files (atomic).
 
 How ranks split a global batch
     Every optimizer step consumes one global batch of G = global_batch_size windows, in
@@ -59,9 +59,11 @@ import argparse
 import base64
 import bisect
 import collections
+import contextlib
 import glob
 import hashlib
 import heapq
+import itertools
 import json
 import multiprocessing
 import os
@@ -131,15 +133,13 @@ class Tokenizer:
     """Llama 3 tokenizer over any ranks file: base ranks, then the 256 special tokens."""
 
     def __init__(self, path: str):
-        self.path = str(path)
-        self.sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self.path, self.sha256 = str(path), hashlib.sha256(Path(path).read_bytes()).hexdigest()
         ranks = read_ranks(path)
         self.special_tokens = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(name=Path(path).name, pat_str=PAT_STR, mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
         self.n_words = len(ranks) + len(SPECIAL_TOKENS)
-        self.bos_id = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.bos_id, self.eos_id = self.special_tokens["<|begin_of_text|>"], self.special_tokens["<|end_of_text|>"]
 
     def encode(self, s: str, bos: bool = False, eos: bool = False) -> list[int]:
         # encode_ordinary == disallowed_special=(): special names in text stay text.
@@ -182,22 +182,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int, log_every: int = 500) -> li
     if vocab_size <= 256:
         raise ValueError(f"--vocab-size {vocab_size} must exceed the 256 byte tokens")
     split, t0 = _stdlib_split_regex(), time.time()
-    counts: collections.Counter[str] = collections.Counter()
-    for text in texts:
-        counts.update(split.findall(text))
-    words = [list(w.encode("utf-8")) for w in counts]  # unique chunks, as token ids
-    freq = list(counts.values())
+    counts = collections.Counter(chunk for text in texts for chunk in split.findall(text))
+    words, freq = [list(w.encode("utf-8")) for w in counts], list(counts.values())  # unique chunks as token ids
     vocab = [bytes([b]) for b in range(256)]
     ids = {tok: i for i, tok in enumerate(vocab)}
     pairs: collections.defaultdict[tuple[int, int], int] = collections.defaultdict(int)
     where: collections.defaultdict[tuple[int, int], set[int]] = collections.defaultdict(set)
     for wi, w in enumerate(words):
-        for p in zip(w, w[1:]):
+        for p in itertools.pairwise(w):
             pairs[p] += freq[wi]
             where[p].add(wi)
     # Max-heap of (-count, pair) with lazy deletion: an entry is live iff its count is current.
-    heap = [(-c, p) for p, c in pairs.items()]
-    heapq.heapify(heap)
+    heap = sorted((-c, p) for p, c in pairs.items())  # a sorted list is a heap
     print(f"train-tokenizer: {sum(freq):,} chunks, {len(words):,} unique, {time.time() - t0:.1f}s")
     while len(vocab) < vocab_size:
         while heap and -heap[0][0] != pairs.get(heap[0][1], 0):
@@ -213,21 +209,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int, log_every: int = 500) -> li
         for wi in where.pop((a, b)):
             w, out, i = words[wi], [], 0
             while i < len(w):
-                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
+                pair = i + 1 < len(w) and w[i] == a and w[i + 1] == b
+                out.append(new if pair else w[i])
+                i += 2 if pair else 1
             if len(out) == len(w):  # stale entry: an earlier merge already consumed the pair here
                 continue
-            for p in zip(w, w[1:]):
+            for p in itertools.pairwise(w):
                 pairs[p] -= freq[wi]
-                changed.add(p)
-            for p in zip(out, out[1:]):
+            for p in itertools.pairwise(out):
                 pairs[p] += freq[wi]
                 where[p].add(wi)
-                changed.add(p)
+            changed.update(itertools.pairwise(w), itertools.pairwise(out))
             words[wi] = out
         for p in changed:
             if pairs[p] > 0:
@@ -253,18 +245,15 @@ def builtin_files(split: str) -> tuple[Path, list[str]]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
         rel += [Path(dirpath, f).relative_to(root).as_posix() for f in filenames if f.endswith(".py")]
-    rel.sort()
-    return root, [f for i, f in enumerate(rel) if (i % VAL_EVERY == VAL_EVERY - 1) == (split == "val")]
+    return root, [f for i, f in enumerate(sorted(rel)) if (i % VAL_EVERY == VAL_EVERY - 1) == (split == "val")]
 
 
 def builtin_documents(split: str) -> list[str]:
     root, files = builtin_files(split)
     docs = []
     for f in files:
-        try:
+        with contextlib.suppress(UnicodeDecodeError):  # counted below
             docs.append((root / f).read_bytes().decode("utf-8"))
-        except UnicodeDecodeError:
-            pass
     if len(docs) < len(files):
         print(f"data: builtin {split}: skipped {len(files) - len(docs)} files that are not UTF-8")
     return docs
@@ -322,8 +311,7 @@ def read_documents(path: Path) -> Iterator[str]:
 
 def _stream(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
     """Documents -> one uint32 stream, each document followed by eos."""
-    encoded = tokenizer.encode_batch(docs)
-    return np.array([t for ids in encoded for t in (*ids, tokenizer.eos_id)], dtype="<u4")
+    return np.array([t for ids in tokenizer.encode_batch(docs) for t in (*ids, tokenizer.eos_id)], dtype="<u4")
 
 
 # ----------------------------------------------------------------------------- .bin files
@@ -345,10 +333,16 @@ def read_bin(path: str, tokenizer: Tokenizer) -> tuple[np.ndarray, dict]:
     side = f"{path}.json"
     if not os.path.exists(side):
         raise ValueError(f"{path}: sidecar {side} is missing; recreate the shard with `python data.py prepare`")
-    meta = json.loads(Path(side).read_text())
-    if meta.get("dtype") != "uint32":
-        raise ValueError(f"{side}: dtype {meta.get('dtype')!r}, expected 'uint32'")
-    if meta.get("tokenizer_sha256") != tokenizer.sha256:
+    try:
+        meta = json.loads(Path(side).read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{side}: invalid JSON ({e}); re-run `python data.py prepare`") from None
+    for key in ("dtype", "n_tokens", "max_id", "tokenizer_sha256"):
+        if not isinstance(meta, dict) or key not in meta:
+            raise ValueError(f"{side}: the sidecar has no {key!r}; re-run `python data.py prepare`")
+    if meta["dtype"] != "uint32":
+        raise ValueError(f"{side}: dtype {meta['dtype']!r}, expected 'uint32'")
+    if meta["tokenizer_sha256"] != tokenizer.sha256:
         raise ValueError(f"{path} was tokenized with tokenizer sha256 {meta.get('tokenizer_sha256')} "
                          f"({meta.get('tokenizer')}), but the current tokenizer {tokenizer.path} has sha256 "
                          f"{tokenizer.sha256}; re-run `python data.py prepare` or set data.tokenizer")
@@ -364,12 +358,13 @@ class TokenDataset:
     """Windows of seq_len + 1 tokens over tokens [start, stop) of the shards' concatenation."""
 
     def __init__(self, name: str, shards: list[np.ndarray], seq_len: int, start: int = 0,
-                 stop: int | None = None, max_id: int | None = None):
-        self.name, self.shards, self.seq_len = name, shards, seq_len
+                 stop: int | None = None, max_id: int | None = None, paths: list[str] | None = None):
+        self.name, self.shards, self.seq_len, self.start = name, shards, seq_len, start
+        self.paths = paths or [f"{name} shard {k}" for k in range(len(shards))]  # what errors name
         self.offsets = np.cumsum([0] + [len(s) for s in shards]).tolist()  # shard k starts here
-        self.start = start
         self.n_tokens = (self.offsets[-1] if stop is None else stop) - start
         self.max_id = max(int(s.max(initial=0)) for s in shards) if max_id is None else max_id
+        self.vocab_size: int | None = None  # set by check_vocab: every read is then checked
 
     def __len__(self) -> int:
         return self.n_tokens // (self.seq_len + 1)
@@ -382,7 +377,14 @@ class TokenDataset:
             piece = self.shards[k][pos - self.offsets[k]: pos - self.offsets[k] + n]
             pieces.append(piece)
             pos, n = pos + len(piece), n - len(piece)
-        return np.concatenate(pieces).astype(np.int64)
+        out, v = np.concatenate(pieces), self.vocab_size
+        if v is not None and (out.max() >= v or (out.dtype.kind == "i" and out.min() < 0)):  # one max per read
+            pos = self.start + start + int(np.flatnonzero((out >= v) | (out < 0))[0])  # only now look for where
+            k = bisect.bisect_right(self.offsets, pos) - 1
+            raise ValueError(f"{self.paths[k]}: token id {self.shards[k][pos - self.offsets[k]]} at token offset "
+                             f"{pos - self.offsets[k]} is outside model.vocab_size {v}; the file is corrupt: check it, "
+                             "or re-run `python data.py prepare` (a file in data.cache_dir: delete it to rebuild)")
+        return out.astype(np.int64)
 
     def __getitem__(self, i: int) -> np.ndarray:
         if not 0 <= i < len(self):
@@ -391,9 +393,11 @@ class TokenDataset:
 
 
 def check_vocab(source: "Tokenizer | TokenDataset", vocab_size: int) -> None:
-    """Token ids must index the model's embedding: max id < model.vocab_size."""
+    """Token ids must be < model.vocab_size (embedding rows); a dataset keeps the limit to check every read."""
     top = source.n_words - 1 if isinstance(source, Tokenizer) else source.max_id
     name = source.path if isinstance(source, Tokenizer) else source.name
+    if isinstance(source, TokenDataset):
+        source.vocab_size = vocab_size
     if top >= vocab_size:
         raise ValueError(f"{name}: token id {top} >= model.vocab_size {vocab_size}; use a tokenizer with "
                          f"at most {vocab_size} tokens or raise model.vocab_size")
@@ -419,29 +423,27 @@ def load_dataset(spec: str, tokenizer: Tokenizer, split: str, seq_len: int, cach
         raise ValueError(f"split {split!r}: expected 'train' or 'val'")
     if seq_len < 1:
         raise ValueError(f"data.seq_len {seq_len} must be >= 1")
-    if spec == "builtin":
+    if spec == "builtin":  # split by file: each split is a whole stream
         root, files = builtin_files(split)
         key = {"files": [(f, (root / f).stat().st_size, (root / f).stat().st_mtime_ns) for f in files],
                "root": str(root), "tokenizer": tokenizer.sha256, "split": split}
-        path = _cached_stream(cache_dir, f"builtin-{split}", key, lambda: builtin_documents(split), tokenizer)
-        tokens, meta = read_bin(path, tokenizer)
-        ds = TokenDataset(f"builtin ({split})", [tokens], seq_len, max_id=meta["max_id"])
+        paths = [_cached_stream(cache_dir, f"builtin-{split}", key, lambda: builtin_documents(split), tokenizer)]
     else:
         files = resolve_files(spec)
         if any(p.suffix == ".bin" for p in files):
             if not all(p.suffix == ".bin" for p in files):
                 raise ValueError(f"dataset {spec!r} mixes .bin and text files; prepare the text files too")
-            shards, metas = zip(*(read_bin(str(p), tokenizer) for p in files))
+            paths = [str(p) for p in files]
         else:  # text: one cached stream for both splits, cut like a .bin
             key = {"files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
                    "tokenizer": tokenizer.sha256}
-            def docs() -> list[str]:
-                return [d for p in files for d in read_documents(p)]
-            shards, metas = zip(read_bin(_cached_stream(cache_dir, "text", key, docs, tokenizer), tokenizer))
-        n = sum(m["n_tokens"] for m in metas)
-        cut = n - n // VAL_EVERY
-        start, stop = (0, cut) if split == "train" else (cut, n)
-        ds = TokenDataset(f"{spec} ({split})", list(shards), seq_len, start, stop, max(m["max_id"] for m in metas))
+            paths = [_cached_stream(cache_dir, "text", key, lambda: [d for p in files for d in read_documents(p)],
+                                    tokenizer)]
+    shards, metas = zip(*(read_bin(p, tokenizer) for p in paths))
+    n = sum(m["n_tokens"] for m in metas)
+    cut = n - n // VAL_EVERY
+    start, stop = (0, n) if spec == "builtin" else ((0, cut) if split == "train" else (cut, n))
+    ds = TokenDataset(f"{spec} ({split})", list(shards), seq_len, start, stop, max(m["max_id"] for m in metas), paths)
     if vocab_size is not None:
         check_vocab(ds, vocab_size)
     return ds
@@ -464,13 +466,11 @@ class DataLoader:
         if seed < 0:
             raise ValueError(f"training.seed {seed} must be >= 0")
         if len(dataset) < global_batch_size:
-            need = global_batch_size * (seq_len + 1)
             raise ValueError(f"dataset {dataset.name} has {dataset.n_tokens:,} tokens, but one global batch needs "
-                             f"{need:,} (batch_size {global_batch_size} x (seq_len {seq_len} + 1)); use more "
-                             "data or lower training.batch_size / data.seq_len")
-        self.dataset, self.seq_len, self.seed = dataset, seq_len, seed
+                             f"{global_batch_size * (seq_len + 1):,} (batch_size {global_batch_size} x (seq_len "
+                             f"{seq_len} + 1)); use more data or lower training.batch_size / data.seq_len")
+        self.dataset, self.seq_len, self.seed, self.dp_rank, self.dp_size = dataset, seq_len, seed, dp_rank, dp_size
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.accum = global_batch_size // (micro_batch_size * dp_size)
         self.steps_per_epoch = len(dataset) // global_batch_size
         self.epoch, self.step, self.micro_step = 0, 0, 0  # the next micro batch to return
@@ -544,7 +544,7 @@ def prepare(inputs: list[str], out: str, tokenizer: Tokenizer, shard_tokens: int
     """Tokenize .txt/.jsonl inputs into out/shard-NNNNN.bin (shard_tokens each, the last shorter)."""
     files = sorted({p for spec in inputs for p in resolve_files(spec)})
     if any(p.suffix == ".bin" for p in files):
-        raise ValueError(f"prepare takes .txt/.jsonl; {[str(p) for p in files if p.suffix == '.bin'][0]} is already .bin")
+        raise ValueError(f"prepare takes .txt/.jsonl; {next(str(p) for p in files if p.suffix == '.bin')} is already .bin")
     os.makedirs(out, exist_ok=True)
     written, buf, n_tokens, t0 = [], [], 0, time.time()
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -70,13 +71,14 @@ def rank_coords(degrees: dict[str, int], rank: int) -> dict[str, int]:
     return coords
 
 
-def build_groups(degrees: dict[str, int], rank: int) -> dict[str, dist.ProcessGroup]:
+def build_groups(degrees: dict[str, int], rank: int, timeout: timedelta | None = None) -> dict[str, dist.ProcessGroup]:
     """Create every group of every kind on every rank, in the same order (new_group is
-    collective), and return the ones containing this rank."""
+    collective), and return the ones containing this rank. `timeout` bounds every
+    collective on them (None: torch's default, 30 minutes)."""
     mine = {}
     for name, dims in GROUPS.items():
         for ranks in group_ranks(degrees, dims):
-            group = dist.new_group(ranks, group_desc=name)  # the name shows in errors and counters
+            group = dist.new_group(ranks, timeout=timeout, group_desc=name)  # the name shows in errors and counters
             if rank in ranks:
                 mine[name] = group
     return mine

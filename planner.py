@@ -253,6 +253,7 @@ class Report:
     flops: dict
     comm: comm.Comm
     logged: comm.Comm
+    startup: comm.Comm
     bubble: dict | None
     fsdp: dict  # stage -> FSDP state
     fsdp_held: dict  # stage -> fsdp_gathered()
@@ -264,6 +265,7 @@ def plan_rank(cfg: config.Config, world_size: int, rank: int = 0) -> Report:
     """Everything above for `rank` of a `world_size` layout, under a fake process group.
     training.dtype auto is planned as bfloat16: what it picks on a GPU, the machines a
     layout is planned for."""
+    startup = comm.startup_comm(cfg, world_size)
     if cfg.training.dtype == "auto":
         cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, dtype="bfloat16"))
     plan = config.validate(cfg, world_size)
@@ -281,7 +283,7 @@ def plan_rank(cfg: config.Config, world_size: int, rank: int = 0) -> Report:
         n_f8 = sum(isinstance(m, float8.Float8Linear) for m in par.model.modules())
         held = {s: fsdp_gathered(cfg, state) for s, state in par.fsdp_states.items()}
     return Report(cfg, plan, rank, coords, mem, acts, flops(cfg, plan), step_comm, comm.logged_step_comm(plan, world_size),
-                  bubble(cfg, plan, coords["pp"]), par.fsdp_states, held, n_f8, build_s)
+                  startup, bubble(cfg, plan, coords["pp"]), par.fsdp_states, held, n_f8, build_s)
 
 
 def _gib(n: float) -> str:
@@ -356,7 +358,8 @@ def format_report(r: Report) -> str:
     if not r.comm.bytes:
         out.append("  none (one rank)")
     out.append("  (a logged step adds one float64 all-reduce of the loss over the data ranks; evaluation is not "
-               "counted)")
+               "counted; once at start-up the world broadcasts "
+               f"{sum(r.startup.calls.values())} int64 from rank 0)")
     out.append("")
     b = r.bubble
     if b:

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -95,18 +96,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # groups destroyed, signal handlers restored, the metrics file closed.
     with contextlib.ExitStack() as cleanup:
         # 2. Distributed init (a size-1 group without torchrun, so every path is the same).
-        rank, device = init_distributed(cleanup)
+        timeout = timedelta(seconds=cfg.run.collective_timeout_s)  # every group: a hung rank ends the run
+        rank, device = init_distributed(cleanup, timeout)
         stop = cleanup.enter_context(safety.StopSignal())  # SIGINT / SIGTERM: stop after this step
         cfg = resolve_dtype(cfg, device)  # training.dtype auto: measured on rank 0, the same everywhere
         t = cfg.training
         # 3. Process groups for the [pp, dp_replicate, dp_shard, cp, tp] layout.
-        groups = build_groups(plan.degrees, rank)
+        groups = build_groups(plan.degrees, rank, timeout)
         cleanup.callback(destroy_groups, groups)
         coords = rank_coords(plan.degrees, rank)
         torch.manual_seed(t.seed)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        start_run_dir(cfg, plan, device)
+        start_run_dir(cfg, plan, device, cleanup)  # one live run per run.dir (a lock); a used one refused
         # 4. Data: each data-parallel rank reads a disjoint part of every global batch.
         loader, val_loader = build_data(cfg, plan, coords)
         # 5-6. The model on the meta device (shapes only, no memory), parallelized in the
@@ -128,22 +130,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   autocast, runner, eval_runner)
         # 9. Start from weights (fine-tuning) or resume a run: every rank reads the
         #    slices of its shards, whatever layout saved them.
-        ckpt, first_step = resume(run)
+        with safety.collective_errors("resuming"):
+            ckpt, first_step = resume(run, timeout)
         # 10. Loop: step, log (rank 0 writes metrics.jsonl), save; a stop signal on any
-        #     rank ends the loop after the same step on every rank, with a checkpoint.
+        #     rank ends the loop after the same step on every rank, with a checkpoint. A
+        #     collective that times out names its group and the step (CollectiveError).
         meter = Meter(cfg, plan, device, first_step, cleanup)
         for step in range(first_step, t.steps + 1):
-            loss, grad_norm, stopping = checked_step(run, step, stop, ckpt)  # NaN / inf: NonFiniteError
-            if step % cfg.run.log_every == 0 or step == t.steps or stopping:
-                log_step(run, meter, step, loss, grad_norm)
-            if ckpt is not None and cfg.checkpoint.interval > 0 and (
-                    step % cfg.checkpoint.interval == 0 or step == t.steps or stopping):
-                save(run, ckpt, step)
+            with safety.collective_errors(f"step {step}"):
+                loss, grad_norm, stopping = checked_step(run, step, stop, ckpt)  # NaN / inf: NonFiniteError
+                if step % cfg.run.log_every == 0 or step == t.steps or stopping:
+                    log_step(run, meter, step, loss, grad_norm)
+                if ckpt is not None and cfg.checkpoint.interval > 0 and (
+                        step % cfg.checkpoint.interval == 0 or step == t.steps or stopping):
+                    save(run, ckpt, step)
             if stopping:
                 log(f"stopping after step {step}: received {stop.received or 'a signal on another rank'}")
                 break
         if ckpt is not None:
-            ckpt.close()  # waits for an asynchronous save
+            with safety.collective_errors("the last checkpoint"):
+                ckpt.close()  # waits for an asynchronous save
     return meter.history
 
 
@@ -159,11 +165,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # 2. Distributed init
 
 
-def init_distributed(cleanup: contextlib.ExitStack) -> tuple[int, torch.device]:
+def init_distributed(cleanup: contextlib.ExitStack, timeout: timedelta) -> tuple[int, torch.device]:
     """Initialize the default process group from torchrun's environment, or a size-1
     group for a plain `python train.py`, so every code path is the same. A group this
     call creates is destroyed on the way out; one set up by the caller (a test harness)
-    is left to the caller."""
+    is left to the caller. `timeout` bounds every collective on it."""
     rank = int(os.environ.get("RANK", 0))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -174,7 +180,7 @@ def init_distributed(cleanup: contextlib.ExitStack) -> tuple[int, torch.device]:
         return rank, device
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     cleanup.callback(dist.destroy_process_group)
@@ -201,17 +207,56 @@ def resolve_dtype(cfg: config.Config, device: torch.device) -> config.Config:
 # 3. The run directory
 
 
-def start_run_dir(cfg: config.Config, plan: config.Plan, device: torch.device) -> None:
-    """Rank 0 writes the resolved config to run.dir and logs versions, layout and config."""
+def start_run_dir(cfg: config.Config, plan: config.Plan, device: torch.device, cleanup: contextlib.ExitStack
+                  ) -> None:
+    """Rank 0 claims run.dir for this run (safety.RunDirLock, held to the end), refuses
+    a directory that holds another run unless this one resumes it or run.overwrite is
+    set, writes the resolved config and logs versions, layout and config. A refusal
+    reaches every rank (one broadcast at start-up), so all stop, none waits."""
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            os.makedirs(cfg.run.dir, exist_ok=True)
+            lock = cleanup.enter_context(safety.RunDirLock(cfg.run.dir))
+            if lock.taken_over:
+                log(f"run.dir={cfg.run.dir}: taking over the lock of {lock.taken_over}, which is no longer running")
+            check_run_dir_unused(cfg)
+        except (ValueError, OSError) as e:
+            error = e
+    refused = torch.tensor([error is not None], dtype=torch.int64, device=device)
+    if dist.get_world_size() > 1:
+        dist.broadcast(refused, src=0)  # comm: world, one int64 at start-up
+    if error is not None:
+        raise error
+    if refused.item():
+        raise ValueError(f"rank 0 refused run.dir={cfg.run.dir} (its error says why)")
     if dist.get_rank() != 0:
         return
-    os.makedirs(cfg.run.dir, exist_ok=True)
     resolved = yaml.safe_dump(config.config_to_dict(cfg), sort_keys=False)
     with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
         f.write(resolved)
     log(f"nanotitan | python {platform.python_version()} torch {torch.__version__} | {device} | "
         f"world {dist.get_world_size()}: {plan.layout}")
     log(resolved.rstrip())
+
+
+def check_run_dir_unused(cfg: config.Config) -> None:
+    """A run.dir that holds another run's checkpoints or metrics is only reused to resume
+    it (checkpoint.load), or to replace it (run.overwrite=true deletes them first)."""
+    ckpt_dir, metrics_path = os.path.join(cfg.run.dir, "checkpoints"), os.path.join(cfg.run.dir, "metrics.jsonl")
+    steps = checkpoint.list_checkpoints(ckpt_dir)
+    held = [f"checkpoints step-{steps[0]}..{steps[-1]}"] if steps else []
+    held += ["metrics.jsonl"] if os.path.isfile(metrics_path) and os.path.getsize(metrics_path) else []
+    if not held or cfg.checkpoint.load is not None:
+        return
+    if not cfg.run.overwrite:
+        raise ValueError(f"run.dir={cfg.run.dir} holds another run ({', '.join(held)}): resume it with "
+                         f"checkpoint.load=latest, replace it with run.overwrite=true (deletes them), or choose "
+                         f"another run.dir")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if os.path.isfile(metrics_path):
+        os.remove(metrics_path)
+    log(f"run.overwrite=true: deleted the previous run's {', '.join(held)} in {cfg.run.dir}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,22 +365,26 @@ def sync_stage_grads(fsdp_states: dict[int, object], stage: int, sync: bool) -> 
 # 9. Initial weights and resume
 
 
-def resume(run: Run) -> tuple[checkpoint.Checkpointer | None, int]:
+def resume(run: Run, timeout: timedelta) -> tuple[checkpoint.Checkpointer | None, int]:
     """Load checkpoint.initial (weights only) and / or resume checkpoint.load (weights,
-    optimizer, data loader position). Returns the checkpointer (None when the run
-    neither saves nor loads) and the first step to run."""
+    optimizer, data loader position) after comparing its config with this one. Returns
+    the checkpointer (None when the run neither saves nor loads) and the first step."""
     c = run.cfg.checkpoint
     if c.initial is not None:
         checkpoint.load_consolidated(c.initial, run.model)
         log(f"initial weights from {c.initial}")
     if c.interval == 0 and c.load is None:
         return None, 1
-    ckpt = checkpoint.Checkpointer(os.path.join(run.cfg.run.dir, "checkpoints"), c.keep, c.async_save)
-    resumed = ckpt.load(c.load, run.model, run.optimizer, run.plan.layout) if c.load is not None else None
-    if resumed is None:
+    ckpt = checkpoint.Checkpointer(os.path.join(run.cfg.run.dir, "checkpoints"), c.keep, c.async_save, timeout)
+    for leftover in ckpt.remove_leftovers():  # run.dir is locked: no live run is saving there
+        log(f"removed {leftover}, left by a save that did not finish")
+    path = ckpt.find(c.load) if c.load is not None else None
+    if path is None:
         if c.load is not None:
             log(f"checkpoint.load=latest: no checkpoint under {ckpt.root} yet, starting from step 1")
         return ckpt, 1
+    check_config_change(path, checkpoint.read_metadata(path)["extra"].get("config"), run.cfg)
+    resumed = ckpt.load(path, run.model, run.optimizer, run.plan.layout)
     if resumed["step"] >= run.cfg.training.steps:
         raise ValueError(f"{resumed['path']} is step {resumed['step']}, and training.steps={run.cfg.training.steps}: "
                          f"nothing to do; raise training.steps to train further")
@@ -344,6 +393,26 @@ def resume(run: Run) -> tuple[checkpoint.Checkpointer | None, int]:
     log(f"resumed from {resumed['path']} (saved by {resumed['world_size']} ranks, {resumed['layout']}): "
         f"continuing at step {resumed['step'] + 1}; RNG {rng}")
     return ckpt, resumed["step"] + 1
+
+
+def check_config_change(path: str, saved: dict | None, cfg: config.Config) -> None:
+    """Resuming continues the saved run: the layout may change (resharding, logged), and
+    training.steps; anything else (the model, the optimizer, hyperparameters, the data)
+    only with checkpoint.allow_config_change=true, logged. A model whose parameters
+    differ from the checkpoint's is refused by checkpoint.load in any case."""
+    if saved is None:
+        log(f"{path} holds no config (saved by another program): not compared")
+        return
+    changes = config.config_changes(saved, cfg)
+    changed = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes if not k.startswith(config.FREE_ON_RESUME)]
+    layout = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes if k.startswith(config.FREE_ON_RESUME)]
+    if changed and not cfg.checkpoint.allow_config_change:
+        raise ValueError(f"{path} was saved with another config: {'; '.join(changed)}. Resume with the saved "
+                         f"values (its config is in {os.path.join(path, 'metadata.json')}), or set "
+                         f"checkpoint.allow_config_change=true to continue it with these")
+    for what, lines in (("checkpoint.allow_config_change=true: changed", changed), ("resuming with", layout)):
+        if lines:
+            log(f"{what} {'; '.join(lines)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,13 +571,29 @@ class Meter:
         self.start = self.last_time = time.perf_counter()
         self.last_step = first_step - 1
         self.file = None
-        if dist.get_rank() == 0:  # a resumed run appends to the metrics of the steps before its checkpoint
-            path = os.path.join(cfg.run.dir, "metrics.jsonl")
-            self.file = cleanup.enter_context(open(path, "a" if first_step > 1 else "w"))
+        if dist.get_rank() == 0:
+            self.file = cleanup.enter_context(open_metrics(os.path.join(cfg.run.dir, "metrics.jsonl"), first_step))
         log(f"model {cfg.model.name}: {llama.num_params(plan.model_args):,} parameters, "
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token | peak {self.peak.flops / 1e12:.3f} TFLOP/s "
             f"({self.peak.source}) | batch {cfg.training.batch_size} x {cfg.data.seq_len} = "
             f"{plan.global_tokens:,} tokens/step, {plan.grad_accum} micro-steps of {cfg.training.micro_batch_size}/rank")
+
+
+def open_metrics(path: str, first_step: int):
+    """metrics.jsonl for appending. A new run starts it empty. A resumed run keeps the
+    records of the steps before the checkpoint's and drops the rest (steps a run took
+    after its last checkpoint, and a line cut short by a crash), so no step appears twice."""
+    kept = []
+    if first_step > 1 and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line)["step"] < first_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
 
 
 def log_step(run: Run, meter: Meter, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -538,8 +623,11 @@ def log_step(run: Run, meter: Meter, step: int, loss: torch.Tensor, grad_norm: t
         log(f"step {step:5d} | loss {loss_value:.4f}{val} | grad norm {record['grad_norm']:.3f} | "
             f"lr {record['lr']:.2e} | {tps:,.0f} tok/s | mfu {mfu} | mem {record['memory_gb']:.2f} GiB | "
             f"eta {record['eta_s']:.0f}s")
-        meter.file.write(json.dumps(record) + "\n")
-        meter.file.flush()
+        try:
+            meter.file.write(json.dumps(record) + "\n")
+            meter.file.flush()
+        except OSError as e:  # e.g. the disk is full: a write error does not name its file
+            raise OSError(e.errno, e.strerror, meter.file.name) from e
 
 
 @torch.no_grad()
@@ -587,7 +675,9 @@ def save(run: Run, ckpt: checkpoint.Checkpointer, step: int) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, NotImplementedError, FileNotFoundError, checkpoint.CheckpointError,
-            safety.NonFiniteError) as e:  # what a user can cause; a programming error keeps its traceback
+    # What a user or the machine can cause (a bad value, a full disk, a hung rank) ends
+    # with `error:` and exit 2; a programming error keeps its traceback.
+    except (ValueError, NotImplementedError, OSError, checkpoint.CheckpointError, safety.NonFiniteError,
+            safety.CollectiveError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

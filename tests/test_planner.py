@@ -132,8 +132,8 @@ def _predicted(argv: list[str], world: int, rank: int) -> dict:
     cfg = config.load_config(argv[1], argv[2:])
     report = planner.plan_rank(cfg, world, rank)
     labels = _group_labels(argv, world, rank)
-    calls = _relabel(report.comm.calls + report.logged.calls, labels)
-    nbytes = _relabel(report.comm.bytes + report.logged.bytes, labels)
+    calls = _relabel(report.comm.calls + report.logged.calls + report.startup.calls, labels)
+    nbytes = _relabel(report.comm.bytes + report.logged.bytes + report.startup.bytes, labels)
     return {"calls": calls, "bytes": nbytes, "params": report.memory["params"],
             "grads": report.memory["grads"], "optimizer": report.memory["optimizer"]}
 
