@@ -140,6 +140,7 @@ class RunConfig:
     peak_cache: str = ".cache/peak_flops.json"  # measured CPU GEMM rates, per CPU model / torch / threads / dtype
     collective_timeout_s: float = 600.0  # every process group: a hung or dead rank ends the run after this long
     overwrite: bool = False  # start a new run in a run.dir that holds one (deletes its checkpoints and metrics)
+    tensorboard: bool = False  # also write every metric to run.dir/tb (rank 0; needs `pip install tensorboard`)
 
 
 @dataclass
@@ -355,8 +356,8 @@ def validate(cfg: Config, world_size: int) -> Plan:
         section, name = key.split(".")
         if not ok(getattr(getattr(cfg, section), name)):
             raise ValueError(f"{key}={getattr(getattr(cfg, section), name)} must be {requirement}")
-    if not 0 <= t.warmup_steps <= t.steps:
-        raise ValueError(f"training.warmup_steps={t.warmup_steps} must be in [0, training.steps={t.steps}]")
+    if t.warmup_steps < 0:  # more than training.steps is cut to the run's length (train.lr_at)
+        raise ValueError(f"training.warmup_steps={t.warmup_steps} must be >= 0")
     degrees = resolve_degrees(p, world_size)
     args = llama.model_args(cfg.model.name, **cfg.model.overrides)  # checks heads and head dim
     if not 1 <= cfg.data.seq_len <= args.max_seq_len:

@@ -247,6 +247,7 @@ def check_run_dir_unused(cfg: config.Config) -> None:
     steps = checkpoint.list_checkpoints(ckpt_dir)
     held = [f"checkpoints step-{steps[0]}..{steps[-1]}"] if steps else []
     held += ["metrics.jsonl"] if os.path.isfile(metrics_path) and os.path.getsize(metrics_path) else []
+    held += ["tb"] if os.path.isdir(os.path.join(cfg.run.dir, "tb")) else []
     if not held or cfg.checkpoint.load is not None:
         return
     if not cfg.run.overwrite:
@@ -254,6 +255,7 @@ def check_run_dir_unused(cfg: config.Config) -> None:
                          f"checkpoint.load=latest, replace it with run.overwrite=true (deletes them), or choose "
                          f"another run.dir")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+    shutil.rmtree(os.path.join(cfg.run.dir, "tb"), ignore_errors=True)
     if os.path.isfile(metrics_path):
         os.remove(metrics_path)
     log(f"run.overwrite=true: deleted the previous run's {', '.join(held)} in {cfg.run.dir}")
@@ -489,7 +491,7 @@ def lr_at(step: int, t: config.TrainingConfig) -> float:
     stable step puts the last step at p = (D - 1) / D, one decay step above the minimum
     (15 steps, warmup 2, wsd 0.8: D = 12 and the last step runs at lr / 12), so the last
     update still moves the weights."""
-    W = t.warmup_steps
+    W = min(t.warmup_steps, t.steps)  # a warmup longer than the run is cut to it (logged by Meter)
     D = t.steps - W if t.decay != "wsd" else min(round(t.wsd_decay_fraction * t.steps), t.steps - W)
     k = step - 1
     if k < W:
@@ -570,9 +572,15 @@ class Meter:
         self.first_step, self.history = first_step, []
         self.start = self.last_time = time.perf_counter()
         self.last_step = first_step - 1
-        self.file = None
+        self.file, self.tb = None, None
         if dist.get_rank() == 0:
             self.file = cleanup.enter_context(open_metrics(os.path.join(cfg.run.dir, "metrics.jsonl"), first_step))
+            if cfg.run.tensorboard:
+                self.tb = open_tensorboard(os.path.join(cfg.run.dir, "tb"), first_step)
+                cleanup.callback(self.tb.close)
+        if cfg.training.warmup_steps > cfg.training.steps:
+            log(f"training.warmup_steps={cfg.training.warmup_steps} is longer than training.steps={cfg.training.steps}: "
+                f"warming up over all {cfg.training.steps} steps")
         log(f"model {cfg.model.name}: {llama.num_params(plan.model_args):,} parameters, "
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token | peak {self.peak.flops / 1e12:.3f} TFLOP/s "
             f"({self.peak.source}) | batch {cfg.training.batch_size} x {cfg.data.seq_len} = "
@@ -594,6 +602,16 @@ def open_metrics(path: str, first_step: int):
         f.writelines(kept)
     os.replace(path + ".tmp", path)
     return open(path, "a")
+
+
+def open_tensorboard(path: str, first_step: int):
+    """A TensorBoard writer for run.dir/tb (run.tensorboard). A resumed run purges the
+    events of the steps from its first one on, as open_metrics cuts metrics.jsonl."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+    except ImportError:
+        raise ValueError("run.tensorboard=true needs TensorBoard: pip install tensorboard") from None
+    return SummaryWriter(path, purge_step=first_step if first_step > 1 else None)
 
 
 def log_step(run: Run, meter: Meter, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -628,6 +646,11 @@ def log_step(run: Run, meter: Meter, step: int, loss: torch.Tensor, grad_norm: t
             meter.file.flush()
         except OSError as e:  # e.g. the disk is full: a write error does not name its file
             raise OSError(e.errno, e.strerror, meter.file.name) from e
+    if meter.tb is not None:  # the same numbers as metrics.jsonl, which stays the source of truth
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                meter.tb.add_scalar(key, value, step)
+        meter.tb.flush()
 
 
 @torch.no_grad()

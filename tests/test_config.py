@@ -104,7 +104,7 @@ def test_bad_keys_and_types_name_the_key(override, words):
         (["model.dim=100", "model.n_heads=8"], 1, ["model.dim=100", "n_heads=8"]),
         (["model.n_kv_heads=3"], 1, ["n_heads=8", "n_kv_heads=3"]),
         (["data.seq_len=5000"], 1, ["data.seq_len=5000", "max_seq_len=4096"]),
-        (["training.warmup_steps=400"], 1, ["warmup_steps=400"]),
+        (["training.warmup_steps=-1"], 1, ["warmup_steps=-1"]),
         (["activation_checkpoint.mode=selective", "activation_checkpoint.selective_option=x"], 1,
          ["selective_option='x'"]),
     ],

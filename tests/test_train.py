@@ -4,6 +4,7 @@ works on CPU, signals stop the run cleanly."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,3 +234,39 @@ def test_tokens_per_sec_and_mfu_by_hand(tmp_path):
             assert r["tokens_per_sec"] == pytest.approx(tokens_per_sec, rel=1e-6), (rank, r)
             assert r["mfu"] == pytest.approx(100 * flops_per_token * tokens_per_sec / 2e11, rel=1e-6), (rank, r)
             last_step, last_elapsed = r["step"], r["elapsed_s"]
+
+
+def test_tensorboard_carries_the_values_of_metrics_jsonl(tmp_path):
+    """run.tensorboard=true: every numeric field of every metrics.jsonl record is a
+    TensorBoard scalar at its step, equal to float32 rounding (TensorBoard stores
+    float32: relative 2^-24 ~ 6e-8, bound 1e-6). A resumed run purges the events of the
+    steps after its checkpoint, as metrics.jsonl is cut back: each step once."""
+    pytest.importorskip("tensorboard", reason="run.tensorboard needs `pip install tensorboard`")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = train_argv(str(tmp_path), "training.steps=6", "run.tensorboard=true", "checkpoint.interval=4",
+                      "run.eval_every=3", "run.eval_steps=1")
+    train.main(argv)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-6")  # steps 5 and 6 are redone after the resume
+    train.main([*argv, "checkpoint.load=latest"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    keys = {k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != "step"}
+    assert {"loss", "val_loss", "grad_norm", "lr", "tokens_per_sec", "mfu", "memory_gb"} <= keys
+    assert keys == set(events.Tags()["scalars"])
+    for key in keys:
+        want = {r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float))}
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in got] == sorted(want), key  # every step once, in order
+        for step, value in got:
+            assert value == pytest.approx(want[step], rel=1e-6, abs=1e-30), (key, step)
+
+
+def test_a_warmup_longer_than_the_run_is_cut_to_it(tmp_path, capsys):
+    """debug.yaml warms up over 20 steps; a 10-step run warms up over all 10 (lr / 10 per
+    step, the full lr at the last) and says so, instead of being refused."""
+    history = train.main(train_argv(str(tmp_path), "training.warmup_steps=20", "training.lr=1e-3"))
+    assert "training.warmup_steps=20 is longer than training.steps=10: warming up over all 10 steps" \
+        in capsys.readouterr().out
+    assert [r["lr"] for r in history] == pytest.approx([1e-3 * s / 10 for s in range(1, 11)], rel=1e-12)
