@@ -407,7 +407,8 @@ def check_config_change(path: str, saved: dict | None, cfg: config.Config) -> No
         return
     changes = config.config_changes(saved, cfg)
     changed = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes if not k.startswith(config.FREE_ON_RESUME)]
-    layout = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes if k.startswith(config.FREE_ON_RESUME)]
+    layout = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes
+              if k.startswith(config.FREE_ON_RESUME) and not k.startswith(("run.", "checkpoint."))]
     if changed and not cfg.checkpoint.allow_config_change:
         raise ValueError(f"{path} was saved with another config: {'; '.join(changed)}. Resume with the saved "
                          f"values (its config is in {os.path.join(path, 'metadata.json')}), or set "

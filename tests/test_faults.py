@@ -1,13 +1,18 @@
-"""Faults an operator can run into, each shown to end cleanly (safety.py, train.py).
+"""Faults an operator can run into, each shown to end cleanly: one section per class
+(safety.py, train.py, checkpoint.py, data.py). Every test fails on the code before the
+fix; its docstring says what happened then.
 
-So far: a loss or gradient norm that goes NaN / inf (learning rate 1e6) stops the run
-with an error naming the step, on one process and on 2 FSDP ranks alike; nothing
-non-finite is saved, so the newest checkpoint is the newest finite step, and
-`python train.py` ends with an `error:` line and exit 2, not a traceback. Before
-safety.py the same run exited 0 after writing all-NaN checkpoints, and with
-checkpoint.keep=2 pruning removed the last finite one. A YAML syntax error, a corrupt
-checkpoint, and resuming a run already at training.steps end with `error:` and exit 2
-too (before: tracebacks, and a silent exit 0 with nothing done).
+1. A loss or gradient norm that goes NaN / inf stops the run naming the step; nothing
+   non-finite is saved. User errors (YAML syntax, a corrupt checkpoint, a finished run)
+   end with `error:` and exit 2.
+2. Resuming into another model is refused naming the keys; other hyperparameters need
+   checkpoint.allow_config_change; the layout may change.
+3. One live run per run.dir (a lock, taken over from a dead run); a used run.dir needs
+   checkpoint.load or run.overwrite; metrics cut back on resume; .tmp cleanup.
+4. A hung rank ends the run after run.collective_timeout_s, naming group and step.
+5. Restarts with torchrun (one node, two nodes) and torchrun's exit code on SIGTERM.
+6. Corrupt data: a token id outside the vocabulary names the shard and the offset.
+7. A full disk, and checkpoint.initial that is not a state dict: `error:` and exit 2.
 """
 
 import json
@@ -39,6 +44,10 @@ def _diverge(rank: int, world: int, argv: list[str]) -> str:
     with pytest.raises(safety.NonFiniteError) as e:
         train.main(argv)
     return str(e.value)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. A loss that goes NaN or inf; user errors
 
 
 @pytest.mark.parametrize("world, layout", [(1, []), (2, ["parallel.dp_shard=2", "training.micro_batch_size=4"])])
@@ -167,7 +176,7 @@ def test_a_used_run_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
     train.main(train_argv(str(run), "training.steps=4", "checkpoint.interval=2"))
     with pytest.raises(ValueError, match=r"holds another run \(checkpoints step-2..4, metrics.jsonl\).*"
                                          r"run.overwrite=true"):
-        train.main(train_argv(str(run), "training.steps=2", "training.lr=1e-3"))
+        train.main(train_argv(str(run), "training.steps=2", "training.lr=1e-3", "run.overwrite=false"))
     assert checkpoint.list_checkpoints(str(run / "checkpoints")) == [2, 4]
     train.main(train_argv(str(run), "training.steps=2", "training.lr=1e-3", "run.overwrite=true",
                           "checkpoint.interval=1"))
@@ -253,46 +262,142 @@ def _logged_steps(run) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# 7. Disk full, and checkpoint.initial that is not a state dict
+# 5. Restarts with plain torchrun
+#
+# torchrun keeps one TCP store for the whole job, and on torch 2.13 the workers share it
+# unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (pytorch/pytorch#135712): a restarted worker
+# then reads the killed workers' gloo addresses, left there, and init_process_group fails
+# (connection refused) or hangs. The static rendezvous (--master-addr / --master-port, or
+# --nnodes > 1 without --rdzv-backend) always shares its store and ignores the variable,
+# so it cannot restart; the c10d rendezvous with the variable set can, on one node and
+# across nodes.
+
+RESTART = ["training.steps=12", "checkpoint.interval=2", "checkpoint.load=latest"]
 
 
-def test_a_full_disk_ends_with_an_error_naming_the_file(tmp_path):
-    """Checkpoint files may not grow past 64 KiB (RLIMIT_FSIZE: the write fails with
-    EFBIG, as it would with ENOSPC on a full disk): `error:` naming the rank file,
-    exit 2, the earlier step's checkpoint intact. Before: a traceback."""
+def _torchrun(node: list[str], run, overrides: list[str], log_path) -> subprocess.Popen:
+    """One torchrun agent as the README starts it, with `node`'s rendezvous flags; its
+    output and its workers' go to `log_path`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    with open(log_path, "w") as log:  # the agent holds its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *node, "--max-restarts", "1",
+                                 "train.py", *train_argv(str(run), *overrides)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _job_workers(run) -> dict[int, int]:
+    """{global rank: pid} of the live torchrun workers training into `run`, from /proc (the
+    agents have no RANK in their environment)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        rank = [e[5:] for e in environ if e.startswith(b"RANK=")]
+        if rank and f"run.dir={run}".encode() in cmdline:
+            found[int(rank[0])] = int(entry)
+    return found
+
+
+def _stop(agents: list[subprocess.Popen], run) -> None:
+    """Nothing outlives a test: kill the agents still running, then their workers (each in
+    its own session, so a killed agent leaves them behind)."""
+    for agent in agents:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    for pid in _job_workers(run).values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_a_worker_and_finish(tmp_path, nodes: list[list[str]]) -> tuple[int | None, list[int], str]:
+    """Start one agent per entry of `nodes` on RESTART (FSDP over the 2 workers); SIGKILL
+    the rank-1 worker once a checkpoint exists; wait for every agent. Returns the killed
+    pid, the agents' exit codes and their output."""
     run = tmp_path / "run"
-    warm = train_argv(str(tmp_path / "warm"), "training.steps=2")  # tokenized data cached before the limit
-    train.main(warm)
-    argv = train_argv(str(run), "training.steps=2", "checkpoint.interval=1")
-    out = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         preexec_fn=_limit_file_size)
-    assert _is_clean_error(out, r"^error: step-1 was not saved under .*checkpoints: rank 0: .*rank-00000.bin: "
-                                r"File too large"), out.stderr[-2000:]
-    assert checkpoint.list_checkpoints(str(run / "checkpoints")) == []
+    overrides = [*RESTART, "training.micro_batch_size=4"]
+    paths = [tmp_path / f"agent{i}.log" for i in range(len(nodes))]
+    agents = [_torchrun(node, run, overrides, path) for node, path in zip(nodes, paths)]
+    killed = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and killed is None and all(a.poll() is None for a in agents):
+            pid = _job_workers(run).get(1)
+            if pid and checkpoint.list_checkpoints(str(run / "checkpoints")):
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+            time.sleep(0.02)
+        codes = [agent.wait(timeout=180) for agent in agents]
+    finally:
+        _stop(agents, run)
+    return killed, codes, "".join(path.read_text() for path in paths)
 
 
-def _limit_file_size() -> None:
-    import resource
+def _assert_resumed_and_finished(run, killed: int | None, codes: list[int], out: str) -> None:
+    assert killed is not None, "the job finished before a worker could be killed"
+    assert codes == [0] * len(codes), out[-4000:]
+    resumed = re.search(r"continuing at step (\d+)", out)  # only a resumed attempt says it
+    assert resumed and int(resumed.group(1)) > 1, out[-4000:]
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 12  # RESTART's training.steps
 
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of a signal
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+def test_torchrun_on_one_node_restarts_a_killed_worker(tmp_path):
+    """The README's one-node recipe (c10d rendezvous on localhost, --max-restarts, the
+    variable): SIGKILL worker 1 once a checkpoint exists; torchrun restarts both workers,
+    they resume from the newest checkpoint and finish, exit 0. Before, with the static
+    rendezvous or without the variable: the restart failed or hung (see above)."""
+    node = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"localhost:{_free_port()}", "--rdzv-id", "one-node"]
+    _assert_resumed_and_finished(tmp_path / "run", *_kill_a_worker_and_finish(tmp_path, [node]))
 
 
-@pytest.mark.parametrize("content, message", [
-    ("text", r"is not a state dict saved with torch.save"),
-    ("list", r"holds a list, not a state dict of tensors"),
-    ("dir", r"is not a state dict saved with torch.save \(a step-N directory resumes with checkpoint.load"),
-])
-def test_checkpoint_initial_that_is_not_a_state_dict(tmp_path, content, message):
-    path = tmp_path / "weights.pt"
-    if content == "text":
-        path.write_text("not a checkpoint")
-    elif content == "list":
-        torch.save([torch.zeros(2)], path)
-    else:
-        path.mkdir()
-    out = _cli(*train_argv(str(tmp_path / "run"), "training.steps=2", f"checkpoint.initial={path}"))
-    assert _is_clean_error(out, rf"^error: {re.escape(str(path))} {message}"), out.stderr[-2000:]
+def test_torchrun_on_two_nodes_restarts_a_killed_worker(tmp_path):
+    """The README's multi-node recipe as two agents on this machine (--nnodes 2
+    --nproc_per_node 1, one c10d endpoint and --rdzv-id): SIGKILL the rank-1 worker (the
+    other agent's); both agents restart their workers, which resume and finish, exit 0."""
+    node = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-nodes"]
+    _assert_resumed_and_finished(tmp_path / "run", *_kill_a_worker_and_finish(tmp_path, [node, node]))
+
+
+def test_sigterm_to_torchrun_saves_the_step_and_torchrun_exits_1(tmp_path):
+    """SIGTERM to torchrun (a scheduler's preemption): torchrun forwards it, the workers
+    finish the step, save it and stop by themselves (torchrun did not have to SIGKILL
+    them), and torchrun then exits 1 regardless (it re-raises the signal as an error).
+    The checkpoint of that step is there, is the last step logged, and resumes."""
+    run = tmp_path / "run"
+    node = ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"localhost:{_free_port()}", "--rdzv-id", "sigterm"]
+    overrides = ["training.steps=1000", *RESTART[1:], "training.micro_batch_size=4"]  # runs until the signal
+    agent = _torchrun(node, run, overrides, tmp_path / "agent.log")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and agent.poll() is None and not checkpoint.list_checkpoints(
+                str(run / "checkpoints")):
+            time.sleep(0.02)
+        agent.send_signal(signal.SIGTERM)
+        code = agent.wait(timeout=120)
+    finally:
+        _stop([agent], run)
+    out = (tmp_path / "agent.log").read_text()
+    assert code == 1, out[-4000:]
+    stopped = re.search(r"stopping after step (\d+): received SIGTERM", out)
+    assert stopped and "Unable to shutdown process" not in out, out[-4000:]
+    step = int(stopped.group(1))
+    assert checkpoint.list_checkpoints(str(run / "checkpoints"))[-1] == step
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step
+    resumed = train.main(train_argv(str(run), f"training.steps={step + 1}", "checkpoint.load=latest"))
+    assert [r["step"] for r in resumed] == [step + 1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -391,3 +496,46 @@ def test_a_broken_sidecar_is_named(tmp_path):
         json.dump(meta, f)
     with pytest.raises(ValueError, match=re.escape(f"{side}: the sidecar has no 'max_id'")):
         data.load_dataset(str(folder), data.load_tokenizer("builtin"), "train", 32, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Disk full, and checkpoint.initial that is not a state dict
+
+
+def test_a_full_disk_ends_with_an_error_naming_the_file(tmp_path):
+    """Checkpoint files may not grow past 64 KiB (RLIMIT_FSIZE: the write fails with
+    EFBIG, as it would with ENOSPC on a full disk): `error:` naming the rank file,
+    exit 2, the earlier step's checkpoint intact. Before: a traceback."""
+    run = tmp_path / "run"
+    warm = train_argv(str(tmp_path / "warm"), "training.steps=2")  # tokenized data cached before the limit
+    train.main(warm)
+    argv = train_argv(str(run), "training.steps=2", "checkpoint.interval=1")
+    out = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         preexec_fn=_limit_file_size)
+    assert _is_clean_error(out, r"^error: step-1 was not saved under .*checkpoints: rank 0: .*rank-00000.bin: "
+                                r"File too large"), out.stderr[-2000:]
+    assert checkpoint.list_checkpoints(str(run / "checkpoints")) == []
+
+
+def _limit_file_size() -> None:
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("text", r"is not a state dict saved with torch.save"),
+    ("list", r"holds a list, not a state dict of tensors"),
+    ("dir", r"is not a state dict saved with torch.save \(a step-N directory resumes with checkpoint.load"),
+])
+def test_checkpoint_initial_that_is_not_a_state_dict(tmp_path, content, message):
+    path = tmp_path / "weights.pt"
+    if content == "text":
+        path.write_text("not a checkpoint")
+    elif content == "list":
+        torch.save([torch.zeros(2)], path)
+    else:
+        path.mkdir()
+    out = _cli(*train_argv(str(tmp_path / "run"), "training.steps=2", f"checkpoint.initial={path}"))
+    assert _is_clean_error(out, rf"^error: {re.escape(str(path))} {message}"), out.stderr[-2000:]

@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "data.seq_len=32", "training.batch_size=8", "training.micro_batch_size=8",
         "training.warmup_steps=2", "run.eval_every=0", "run.log_every=1",
-        "training.dtype=float32"]  # debug.yaml's auto would pick bf16 on a CPU with native bf16
+        "training.dtype=float32",  # debug.yaml's auto would pick bf16 on a CPU with native bf16
+        "run.overwrite=true"]  # tests reuse run dirs for fresh runs; tests/test_faults.py checks the refusal
 
 
 def run(tmp_path, *overrides: str) -> list[dict]:
