@@ -70,6 +70,7 @@ p ranks, v stages per rank, A = activations of one micro-batch on one rank's lay
                       this; ours trades that memory for a schedule derived mechanically).
 `simulate` replays a table with unit costs (F = 1, B = 2, I = W = 1, no communication) and reports
 makespan, idle slots and peak in-flight micro-batches per rank; the tests check them against these.
+`python pipeline.py draw 1f1b --pp 4 --microbatches 8 --out 1f1b.png` draws its timeline (matplotlib).
 
 Zero-bubble mechanics. F registers, for every nn.Linear of the stage, the layer input x and a hook
 on its output that captures the output gradient dy. I runs torch.autograd.grad from the stage
@@ -97,6 +98,7 @@ the next stage.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import copy
 import itertools
@@ -396,7 +398,8 @@ def simulate(actions: list[list[Action]], n_stages: int, cost: dict[str, int] | 
     """Replay the compute actions with unit costs (F 1, B 2, I 1, W 1) and free
     communication: makespan, busy and idle time per rank, and per rank the peak number of
     (stage, micro-batch) forwards in flight (weight gradient not done) and holding their
-    stage activations (B or I not done); with v stages per rank each counts A / v."""
+    stage activations (B or I not done); with v stages per rank each counts A / v.
+    `times`: per rank, (action, start, end) of each compute action, what `draw` shows."""
     cost = cost or {"F": 1, "B": 2, "I": 1, "W": 1}
     pp = len(actions)
     orders = [[a for a in order if a.kind in COMPUTE] for order in actions]
@@ -405,6 +408,7 @@ def simulate(actions: list[list[Action]], n_stages: int, cost: dict[str, int] | 
     clock, nxt = [0] * pp, [0] * pp
     in_flight, peak = [0] * pp, [0] * pp  # forwarded, weight gradient not done yet
     held, peak_held = [0] * pp, [0] * pp  # forwarded, stage activations not released (B or I)
+    times: list[list[tuple[Action, int, int]]] = [[] for _ in range(pp)]
     while any(nxt[r] < len(orders[r]) for r in range(pp)):
         progressed = False
         for r in range(pp):
@@ -424,6 +428,7 @@ def simulate(actions: list[list[Action]], n_stages: int, cost: dict[str, int] | 
                 continue
             start = max([clock[r]] + [end[d] for d in deps])
             clock[r] = end[(a.kind, a.stage, a.mb)] = start + cost[a.kind]
+            times[r].append((a, start, clock[r]))
             if a.kind == "F":
                 in_flight[r] += 1
                 held[r] += 1
@@ -436,9 +441,9 @@ def simulate(actions: list[list[Action]], n_stages: int, cost: dict[str, int] | 
             stuck = {r: str(orders[r][nxt[r]]) for r in range(pp) if nxt[r] < len(orders[r])}
             raise ValueError(f"schedule deadlocks: every rank waits, next actions {stuck}")
     makespan = max(clock)
-    busy = [sum(cost[a.kind] for a in order) for order in orders]
+    busy = [sum(e - s for _, s, e in row) for row in times]
     return dict(makespan=makespan, busy=busy, idle=[makespan - b for b in busy], peak_in_flight=peak,
-                peak_activations=peak_held)
+                peak_activations=peak_held, times=times)
 
 
 # ---------------------------------------------------------------------------------------
@@ -597,3 +602,63 @@ class PipelineRunner:
             dw = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)
             w = module.weight
             w.grad = dw.to(w.dtype) if w.grad is None else w.grad + dw.to(w.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. The picture: `python pipeline.py draw SCHEDULE --pp P --microbatches M --out FILE.png`
+
+def draw(name: str, pp: int, m: int, v: int, out: str) -> list[tuple[int, Action, int, int]]:
+    """Draw `simulate`'s timeline of a schedule to a PNG: a row per rank, a box per compute
+    action (colour: micro-batch; B / I lighter, W lighter and hatched), idle time blank.
+    Returns the boxes drawn, (rank, action, start, end). Needs matplotlib (optional)."""
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure  # no pyplot, no global backend: savefig draws PNGs with Agg
+    except ImportError as e:
+        raise ImportError("pipeline.draw needs matplotlib: pip install matplotlib") from e
+    sim = simulate(build_schedule(name, pp, m, v), pp * v)
+    boxes = [(r, a, start, end) for r, row in enumerate(sim["times"]) for a, start, end in row]
+    span = sim["makespan"]
+    bubble = 1 - sum(end - start for _, _, start, end in boxes) / (pp * span)  # idle / (ranks x makespan)
+    colors = matplotlib.colormaps["tab10" if m <= 10 else "tab20"]
+    width = min(40.0, max(8.0, 0.28 * span))  # inches; about 0.28 per unit of time
+    fig = Figure(figsize=(width, 1.3 + 0.55 * pp), dpi=100)
+    ax = fig.subplots()
+    for r, a, start, end in boxes:
+        color = colors(a.mb % colors.N)[:3]
+        if a.kind != "F":  # backward kinds: the micro-batch's colour, mixed with white
+            color = tuple(0.45 * c + 0.55 for c in color)
+        ax.broken_barh([(start, end - start)], (r - 0.4, 0.8), facecolors=color, edgecolor="black",
+                       linewidth=0.6, hatch="///" if a.kind == "W" else None)
+        if width / span >= 0.2:  # room for a label
+            label = f"{a.kind}{a.mb}" + (f"\ns{a.stage}" if v > 1 else "")
+            ax.text((start + end) / 2, r, label, ha="center", va="center", fontsize=7)
+    ax.set(xlim=(0, span), ylim=(pp - 0.5, -0.5), yticks=range(pp), yticklabels=[f"rank {r}" for r in range(pp)],
+           xlabel="time (unit costs: F 1, B 2, I 1, W 1 per stage; communication free)" +
+                  (f"; sN: stage N of {pp * v}" if v > 1 else ""))
+    ax.set_title(f"{name}: pp {pp}, {m} micro-batches, {v} stage{'s' * (v > 1)} per rank, bubble {bubble:.1%}")
+    fig.savefig(out, bbox_inches="tight")
+    return boxes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pipeline.py", description="Pictures of the pipeline schedules.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cmd = commands.add_parser("draw", help="a schedule's timeline as `simulate` replays it, to a PNG")
+    cmd.add_argument("schedule", help=f"one of {list(SCHEDULES)}")  # check_schedule_args names them
+    cmd.add_argument("--pp", type=int, required=True, help="pipeline ranks")
+    cmd.add_argument("--microbatches", type=int, required=True)
+    cmd.add_argument("--stages-per-rank", type=int, default=1)
+    cmd.add_argument("--out", required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    if args.pp < 1:
+        cmd.error(f"--pp={args.pp} must be >= 1")
+    try:
+        boxes = draw(args.schedule, args.pp, args.microbatches, args.stages_per_rank, args.out)
+    except (ValueError, ImportError) as e:  # check_schedule_args (in build_schedule), or no matplotlib
+        cmd.error(str(e))
+    print(f"wrote {args.out}: {len(boxes)} actions on {args.pp} ranks")
+
+
+if __name__ == "__main__":
+    main()
