@@ -8,6 +8,8 @@ one parallel layout loads under any other; async save; atomic commit; exact resu
     python checkpoint.py export CKPT OUT.pt     # one consolidated state dict, Meta names
     python checkpoint.py verify CKPT            # check every file's checksum
     load_consolidated(path, model)              # start from such a file (or Meta's weights)
+    python checkpoint.py from-hf HF_DIR OUT.pt  # a Hugging Face Llama -> such a file (hf.py)
+    python checkpoint.py to-hf CKPT OUT_DIR     # a step-N directory (or a .pt) -> a HF folder
 
 On-disk format (plain bytes and JSON: another tool can read it without this file)
     ROOT/step-N/metadata.json
@@ -520,11 +522,9 @@ def consolidate(path: str) -> dict[str, torch.Tensor]:
         files.close()
 
 
-@torch.no_grad()
-def load_consolidated(path: str, model: nn.Module) -> None:
-    """Fill each rank's shards of `model` from a consolidated state dict (torch.save of
-    {name: tensor}, e.g. `export`'s output or Meta's consolidated.00.pth), read with
-    weights_only=True and mmap, so nothing is unpickled and only the slices are copied."""
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A consolidated state dict (torch.save of {name: tensor}), read with weights_only=True
+    and mmap: nothing is unpickled and nothing is read until a tensor is used."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, IsADirectoryError) as e:
@@ -533,6 +533,14 @@ def load_consolidated(path: str, model: nn.Module) -> None:
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors "
                               f"(python checkpoint.py export writes one)")
+    return state
+
+
+@torch.no_grad()
+def load_consolidated(path: str, model: nn.Module) -> None:
+    """Fill each rank's shards of `model` from a consolidated state dict (e.g. `export`'s
+    or `from-hf`'s output, or Meta's consolidated.00.pth): only the slices are copied."""
+    state = read_state_dict(path)
     for name, p in model.named_parameters():
         if name not in state:
             raise CheckpointError(f"{path} has no tensor {name!r} (it has {len(state)} tensors, e.g. "
@@ -563,6 +571,52 @@ def verify(path: str) -> None:
                                   f"bytes with {info['crc32']:#010x}: the file is corrupt")
 
 
+def _write_state(state: dict[str, torch.Tensor], out: str) -> None:
+    tmp = out + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out)  # never a half-written OUT.pt
+
+
+def _from_hf(args: argparse.Namespace) -> None:
+    import hf  # here, not at the top: only these commands need safetensors
+
+    state, name, overrides, notes = hf.from_hf(args.hf_dir)
+    _write_state(state, args.out)
+    for note in notes:
+        print(note)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
+    print(f"wrote {args.out}: {len(state)} tensors, {sum(t.numel() for t in state.values()):,} parameters, "
+          f"{'/'.join(dtypes)} (Meta names and q/k row order)")
+    yaml, overrides_line = hf.settings_text(name, overrides)
+    print(f"train.py builds this model with (YAML):\n{yaml}or as overrides: {overrides_line}")
+    print(f"start from these weights with: checkpoint.initial={args.out}")
+
+
+def _to_hf(args: argparse.Namespace) -> None:
+    """The model settings come from the run's config (a step-N directory) or from the
+    command line (a consolidated .pt holds tensors only)."""
+    import hf
+
+    if not os.path.exists(args.checkpoint):
+        raise CheckpointError(f"{args.checkpoint} not found; give a step-N checkpoint directory or a .pt state dict")
+    if os.path.isdir(args.checkpoint):
+        if args.settings:
+            raise ValueError(f"{args.checkpoint} is a checkpoint directory, whose model settings are its run's "
+                             f"config: drop {' '.join(args.settings)}")
+        model = dict((read_metadata(args.checkpoint)["extra"].get("config") or {}).get("model") or {})
+        if "name" not in model:
+            raise CheckpointError(f"{os.path.join(args.checkpoint, 'metadata.json')} holds no model config "
+                                  f"(extra.config.model): export it to a .pt and pass model.name=... model.dim=...")
+        name = model.pop("name")
+        state, overrides = consolidate(args.checkpoint), model
+    else:
+        state = read_state_dict(args.checkpoint)
+        name, overrides = hf.parse_settings(args.settings, args.checkpoint)
+    files = hf.to_hf(state, name, overrides, args.out_dir, args.checkpoint, int(args.max_shard_gb * 10**9),
+                     getattr(torch, args.dtype) if args.dtype else None)
+    print(f"wrote {args.out_dir}: {', '.join(files)} (LlamaForCausalLM.from_pretrained loads it)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="nanotitan checkpoint tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -571,19 +625,31 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("out", help="output .pt file (torch.load(..., weights_only=True) reads it)")
     check = sub.add_parser("verify", help="check every file's checksum")
     check.add_argument("checkpoint")
+    from_hf = sub.add_parser("from-hf", help="a Hugging Face Llama folder -> a state dict with Meta names (hf.py)")
+    from_hf.add_argument("hf_dir", help="folder with config.json and *.safetensors (sharded or not)")
+    from_hf.add_argument("out", help="output .pt: checkpoint.initial=OUT.pt starts training from it")
+    to_hf = sub.add_parser("to-hf", help="a checkpoint -> a Hugging Face LlamaForCausalLM folder (hf.py)")
+    to_hf.add_argument("checkpoint", help="a step-N directory, or a consolidated .pt (then give its model settings)")
+    to_hf.add_argument("out_dir", help="a new folder: config.json, model-*.safetensors and their index")
+    to_hf.add_argument("settings", nargs="*", help="for a .pt: model.name=PRESET model.FIELD=VALUE ... "
+                                                   "(the line from-hf printed)")
+    to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (default 5)")
+    to_hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast (default: keep the dtype)")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
             state = consolidate(args.checkpoint)
-            tmp = args.out + ".tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, args.out)
+            _write_state(state, args.out)
             n = sum(t.numel() for t in state.values())
             print(f"wrote {args.out}: {len(state)} tensors, {n:,} parameters")
+        elif args.command == "from-hf":
+            _from_hf(args)
+        elif args.command == "to-hf":
+            _to_hf(args)
         else:
             verify(args.checkpoint)
             print(f"{args.checkpoint}: every file matches its checksum")
-    except CheckpointError as e:
+    except (CheckpointError, ValueError, ImportError) as e:  # ValueError, ImportError: from hf.py
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -6,7 +6,9 @@ What it does
     regex, and Llama 3's 256 special tokens appended after the base ranks in Meta's order
     (<|begin_of_text|> = bos, <|end_of_text|> = eos, ..., <|eot_id|> = base + 9). Meta's
     file gives n_words = 128256 and Meta's ids. Ordinary text never encodes to a special
-    id: "<|eot_id|>" typed in a document is just text.
+    id: "<|eot_id|>" typed in a document is just text. A Hugging Face tokenizer.json of Llama 3's
+    kind (byte-level BPE on the same regex) reads as the same ranks: its vocab strings mapped
+    back from the ByteLevel alphabet to bytes, rank = id, its 256 added tokens as specials.
     Builtin tokenizer: tokenizer/builtin.tiktoken, 3840 ranks + 256 specials = 4096 (the
     debug preset's vocab_size), made by `python data.py train-tokenizer --vocab-size 3840
     --out tokenizer/builtin.tiktoken` on the builtin corpus's train split (CPython 3.11.7).
@@ -16,14 +18,23 @@ What it does
     Builtin dataset: the running Python's stdlib *.py (no site-/dist-packages or test
     suites) by path, a document each; every 20th (index % 20 == 19) is val; non-UTF-8 skipped.
     User data: a path, directory or glob of .txt (a document per file), .jsonl (one per
-    line, field "text") or .bin files (`python data.py prepare`).
+    line, field "text"), .parquet (one per row, column "text": how FineWeb, FineWeb-Edu
+    and DCLM ship) or .bin files (`python data.py prepare`).
+    Parquet is read with pyarrow, imported only then: ParquetFile.iter_batches streams
+    the "text" column alone, 1024 rows at a time, never a whole file or another column.
+    A null text is skipped and the skips counted (printed per file); a missing or
+    non-string "text" column is an error naming the file.
+    User text is tokenized in batches of ~4M characters, whatever the format: load_dataset
+    builds its cache (below) batch by batch, holding the text of one batch and the uint32
+    stream; `prepare` encodes batches in worker processes, in order, holds about a shard
+    of tokens, and prints files done, tokens, input MB/s and an ETA at most every 5 s.
 
 Packing and windows
     Each document is encoded without bos and followed by eos; all documents concatenate
     into one stream, cut into non-overlapping windows of seq_len + 1 tokens: inputs w[:-1],
     labels w[1:]. Windows span documents (packing, no padding, no cross-document attention
     mask: TorchTitan's default); the tail that does not fill a window is dropped. For user
-    data the val split is the last 1/20 of the token stream (.txt/.jsonl or prepared .bin).
+    data the val split is the last 1/20 of the token stream (text files or prepared .bin).
 
 .bin format
     X.bin: raw little-endian uint32 token ids, no header, read with np.memmap (never
@@ -32,8 +43,8 @@ Packing and windows
     presence is the commit point. A .bin of another tokenizer (sha256) is refused. Every
     window read is checked against model.vocab_size (one max; max_id misses bytes corrupted
     later): a bad id stops the run, naming the file and token offset. load_dataset caches
-    .txt/.jsonl/builtin text the same way in cache_dir, keyed by sha256(file names + sizes +
-    mtimes, tokenizer sha256, split); racing ranks os.replace private temp files (atomic).
+    .txt/.jsonl/.parquet/builtin text the same way in cache_dir, keyed by sha256(file names +
+    sizes + mtimes, tokenizer sha256, split); racing ranks os.replace private temp files (atomic).
 
 How ranks split a global batch
     Every optimizer step consumes one global batch of G = global_batch_size windows, in
@@ -129,16 +140,78 @@ def read_ranks(path: str) -> dict[bytes, int]:
     return ranks
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """HF ByteLevel's (GPT-2's) character -> byte: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes for chr(256 + k), in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
+
+
+# The special ids data.py (bos, eos) and the chat format use; Llama 3.0 / 3.1 / 3.2 agree on
+# these but name some others differently (3.2's <|step_id|> is 3.1's <|reserved_special_token_2|>).
+_FIXED_SPECIALS = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|start_header_id|>": 6,
+                   "<|end_header_id|>": 7, "<|eot_id|>": 9}
+
+
+def read_hf_tokenizer(path: str) -> tuple[dict[bytes, int], list[str]]:
+    """(ranks, special token names) of a Hugging Face tokenizer.json of Llama 3's kind:
+    byte-level BPE splitting on PAT_STR, rank = id (merges are not read: tiktoken merges
+    by the merged token's rank, the order Llama 3's merges list is in), then 256 added
+    tokens right after the vocab. ValueError names the file and what differs."""
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise ValueError(f"{path}: not a BPE tokenizer.json (model.type {(model or {}).get('type')!r}); "
+                         "data.tokenizer takes Llama 3's tokenizer.json or a tiktoken ranks file")
+    pre = spec.get("pre_tokenizer") or {}
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
+    splits = [(s.get("pattern") or {}).get("Regex") for s in steps if s.get("type") == "Split"]
+    byte_level = any(s.get("type") == "ByteLevel" and s.get("use_regex") is False for s in steps)
+    if spec.get("normalizer") is not None or splits != [PAT_STR] or not byte_level:
+        raise ValueError(f"{path}: not Llama 3's byte-level BPE, which has no normalizer, one Split on data.PAT_STR "
+                         f"and ByteLevel with use_regex false (found normalizer {spec.get('normalizer')!r}, "
+                         f"split regexes {splits}, ByteLevel without regex: {byte_level})")
+    added = {t.get("content"): t.get("id") for t in spec.get("added_tokens") or []}
+    alphabet, ranks = _byte_level_alphabet(), {}
+    for token, rank in model["vocab"].items():
+        if token in added:  # some exports list the added tokens in the vocab too
+            continue
+        if not all(c in alphabet for c in token):
+            raise ValueError(f"{path}: vocab entry {token!r} has characters outside the ByteLevel alphabet: "
+                             "not a byte-level BPE")
+        ranks[bytes(alphabet[c] for c in token)] = rank
+    n = len(ranks)
+    if sorted(ranks.values()) != list(range(n)) or any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError(f"{path}: the vocab's ids are not 0..{n - 1} or it lacks some of the 256 single bytes; "
+                         "tiktoken needs both")
+    ids = sorted(i for i in added.values() if isinstance(i, int))
+    fixed = {name: n + i for name, i in _FIXED_SPECIALS.items()}
+    if ids != list(range(n, n + len(SPECIAL_TOKENS))) or any(added.get(k) != i for k, i in fixed.items()):
+        raise ValueError(f"{path}: its added tokens are not Llama 3's special tokens: data.py needs "
+                         f"{len(SPECIAL_TOKENS)} with ids {n}..{n + len(SPECIAL_TOKENS) - 1} right after the vocab, "
+                         f"{fixed}; found {len(ids)} with ids {ids[:1]}..{ids[-1:]}, "
+                         f"{ {k: added.get(k) for k in fixed} }")
+    return dict(sorted(ranks.items(), key=lambda kv: kv[1])), sorted(added, key=added.get)
+
+
 class Tokenizer:
-    """Llama 3 tokenizer over any ranks file: base ranks, then the 256 special tokens."""
+    """Llama 3 tokenizer over any ranks file (or HF tokenizer.json): base ranks, then the
+    256 special tokens."""
 
     def __init__(self, path: str):
         self.path, self.sha256 = str(path), hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        ranks = read_ranks(path)
-        self.special_tokens = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        if str(path).endswith(".json"):  # a Hugging Face tokenizer.json: the same ids
+            ranks, specials = read_hf_tokenizer(path)
+        else:
+            ranks, specials = read_ranks(path), SPECIAL_TOKENS
+        self.special_tokens = {name: len(ranks) + i for i, name in enumerate(specials)}
         self.model = tiktoken.Encoding(name=Path(path).name, pat_str=PAT_STR, mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
-        self.n_words = len(ranks) + len(SPECIAL_TOKENS)
+        self.n_words = len(ranks) + len(specials)
         self.bos_id, self.eos_id = self.special_tokens["<|begin_of_text|>"], self.special_tokens["<|end_of_text|>"]
 
     def encode(self, s: str, bos: bool = False, eos: bool = False) -> list[int]:
@@ -156,7 +229,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
     path = BUILTIN_TOKENIZER if spec == "builtin" else Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} not found: set data.tokenizer to 'builtin' or "
-                                "the path of a tiktoken ranks file (e.g. Llama 3's original/tokenizer.model)")
+                                "the path of a tiktoken ranks file (e.g. Llama 3's original/tokenizer.model) "
+                                "or of a Hugging Face tokenizer.json (Llama 3's)")
     return Tokenizer(str(path))
 
 
@@ -259,37 +333,78 @@ def builtin_documents(split: str) -> list[str]:
     return docs
 
 
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # documents; .bin files hold tokens
+
+
 def resolve_files(spec: str) -> list[Path]:
-    """A file, a directory (its .txt/.jsonl/.bin files) or a glob -> sorted files."""
+    """A file, a directory (its .txt/.jsonl/.parquet/.bin files) or a glob -> sorted files."""
     if os.path.isdir(spec):
-        files = [p for p in Path(spec).iterdir() if p.suffix in (".txt", ".jsonl", ".bin")]
+        files = [p for p in Path(spec).iterdir() if p.suffix in (*TEXT_SUFFIXES, ".bin")]
     elif glob.has_magic(spec):
         files = [Path(p) for p in glob.glob(spec) if os.path.isfile(p)]
     else:
         files = [Path(spec)] if os.path.exists(spec) else []
     if not files:
         raise FileNotFoundError(f"dataset {spec!r} matches no file: give 'builtin' or a path, "
-                                "directory or glob of .txt, .jsonl or .bin files")
+                                "directory or glob of .txt, .jsonl, .parquet or .bin files")
     for p in files:
-        if p.suffix not in (".txt", ".jsonl", ".bin"):
-            raise ValueError(f"{p}: unknown extension {p.suffix!r}; use .txt, .jsonl (field 'text') "
-                             "or .bin (from `python data.py prepare`)")
+        if p.suffix not in (*TEXT_SUFFIXES, ".bin"):
+            raise ValueError(f"{p}: unknown extension {p.suffix!r}; use .txt, .jsonl (field 'text'), "
+                             ".parquet (column 'text') or .bin (from `python data.py prepare`)")
     return sorted(files)
 
 
-def read_documents(path: Path) -> Iterator[str]:
-    """The documents of one .txt (the whole file) or .jsonl (one per line) file."""
+def read_parquet(path: Path, batch_rows: int = 1024) -> Iterator[tuple[str, int]]:
+    """(text, ~bytes of the file read) per row of column "text", batch_rows rows at a time."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading .parquet needs pyarrow: pip install pyarrow") from None
+    size, done, n_null = path.stat().st_size, 0, 0
+    try:
+        with pq.ParquetFile(path) as f:
+            schema, rows = f.schema_arrow, f.metadata.num_rows
+            if "text" not in schema.names:
+                raise ValueError(f"{path}: no column 'text' (columns: {', '.join(schema.names)}); "
+                                 "the documents must be a string column named 'text'")
+            kind = schema.field("text").type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise ValueError(f"{path}: column 'text' has type {kind}, expected string")
+            for batch in f.iter_batches(batch_size=batch_rows, columns=["text"]):  # never the whole file
+                for doc in batch.column(0).to_pylist():
+                    done += 1
+                    if doc is None:
+                        n_null += 1
+                    else:
+                        yield doc, size * done // rows
+    except (pa.ArrowException, OSError) as e:  # not Parquet, or a corrupt page
+        raise ValueError(f"{path}: cannot read as Parquet ({e})") from None
+    if n_null:
+        print(f"data: {path}: skipped {n_null:,} of {done:,} rows whose text is null")
+    if done == n_null:
+        raise ValueError(f"{path}: no documents ({done} rows, {n_null} with null text)")
+
+
+def read_documents(path: Path) -> Iterator[tuple[str, int]]:
+    """(document, bytes of the file read so far) for each document of one .txt (the whole
+    file), .jsonl (one per line) or .parquet (one per row) file."""
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file")
+    if path.suffix == ".parquet":
+        yield from read_parquet(path)
+        return
     if path.suffix == ".txt":
         try:
-            yield path.read_bytes().decode("utf-8")
+            text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not valid UTF-8 at byte {e.start}; re-encode the file as UTF-8") from None
+        yield text, path.stat().st_size
         return
-    n_docs = 0
+    n_docs, pos = 0, 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            pos += len(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -304,9 +419,25 @@ def read_documents(path: Path) -> Iterator[str]:
                 raise ValueError(f"{path}:{lineno}: no string field \"text\"; each .jsonl line must be "
                                  "an object like {\"text\": \"...\"}")
             n_docs += 1
-            yield doc["text"]
+            yield doc["text"], pos
     if n_docs == 0:
         raise ValueError(f"{path}: no documents (only blank lines)")
+
+
+def doc_batches(files: list[Path], chars: int = 1 << 22) -> Iterator[tuple[list[str], int, int]]:
+    """Documents in order, in batches of ~chars characters, each with (files done, input
+    bytes read) at its end: what `prepare` reports as progress."""
+    batch, n_chars, files_done, bytes_done = [], 0, 0, 0
+    for p in files:
+        for doc, pos in read_documents(p):
+            batch.append(doc)
+            n_chars += len(doc)
+            if n_chars >= chars:
+                yield batch, files_done, bytes_done + pos
+                batch, n_chars = [], 0
+        files_done, bytes_done = files_done + 1, bytes_done + p.stat().st_size
+    if batch:
+        yield batch, files_done, bytes_done
 
 
 def _stream(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
@@ -403,14 +534,15 @@ def check_vocab(source: "Tokenizer | TokenDataset", vocab_size: int) -> None:
                          f"at most {vocab_size} tokens or raise model.vocab_size")
 
 
-def _cached_stream(cache_dir: str, stem: str, key: dict, docs, tokenizer: Tokenizer) -> str:
-    """Path of the cached token stream for `key`; tokenize `docs()` and write it if absent."""
+def _cached_stream(cache_dir: str, stem: str, key: dict, batches, tokenizer: Tokenizer) -> str:
+    """Path of the cached token stream for `key`; if absent, tokenize the document batches
+    of `batches()` one at a time and write it."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"{stem}-{digest}.bin")
     if not os.path.exists(path + ".json"):  # the sidecar is the commit point
         t0 = time.time()
         os.makedirs(cache_dir, exist_ok=True)
-        tokens = _stream(tokenizer, docs())
+        tokens = np.concatenate([np.empty(0, "<u4"), *(_stream(tokenizer, docs) for docs in batches())])
         write_bin(path, tokens, tokenizer)
         print(f"data: tokenized {stem}: {tokens.size:,} tokens in {time.time() - t0:.1f}s -> {path}")
     return path
@@ -418,7 +550,7 @@ def _cached_stream(cache_dir: str, stem: str, key: dict, docs, tokenizer: Tokeni
 
 def load_dataset(spec: str, tokenizer: Tokenizer, split: str, seq_len: int, cache_dir: str,
                  vocab_size: int | None = None) -> TokenDataset:
-    """'builtin' or a path/dir/glob of .txt/.jsonl/.bin -> the split's windows (see docstring)."""
+    """'builtin' or a path/dir/glob of .txt/.jsonl/.parquet/.bin -> the split's windows (see docstring)."""
     if split not in ("train", "val"):
         raise ValueError(f"split {split!r}: expected 'train' or 'val'")
     if seq_len < 1:
@@ -427,7 +559,7 @@ def load_dataset(spec: str, tokenizer: Tokenizer, split: str, seq_len: int, cach
         root, files = builtin_files(split)
         key = {"files": [(f, (root / f).stat().st_size, (root / f).stat().st_mtime_ns) for f in files],
                "root": str(root), "tokenizer": tokenizer.sha256, "split": split}
-        paths = [_cached_stream(cache_dir, f"builtin-{split}", key, lambda: builtin_documents(split), tokenizer)]
+        paths = [_cached_stream(cache_dir, f"builtin-{split}", key, lambda: [builtin_documents(split)], tokenizer)]
     else:
         files = resolve_files(spec)
         if any(p.suffix == ".bin" for p in files):
@@ -437,7 +569,7 @@ def load_dataset(spec: str, tokenizer: Tokenizer, split: str, seq_len: int, cach
         else:  # text: one cached stream for both splits, cut like a .bin
             key = {"files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
                    "tokenizer": tokenizer.sha256}
-            paths = [_cached_stream(cache_dir, "text", key, lambda: [d for p in files for d in read_documents(p)],
+            paths = [_cached_stream(cache_dir, "text", key, lambda: (docs for docs, *_ in doc_batches(files)),
                                     tokenizer)]
     shards, metas = zip(*(read_bin(p, tokenizer) for p in paths))
     n = sum(m["n_tokens"] for m in metas)
@@ -523,30 +655,28 @@ def _init_worker(path: str) -> None:
     _worker_tokenizer = Tokenizer(path)
 
 
-def _encode_docs(docs: list[str]) -> np.ndarray:
-    return _stream(_worker_tokenizer, docs)
+def _encode_docs(task: tuple[list[str], int, int]) -> tuple[np.ndarray, int, int]:
+    docs, files_done, bytes_done = task
+    return _stream(_worker_tokenizer, docs), files_done, bytes_done
 
 
-def _doc_batches(files: list[Path], chars: int = 1 << 22) -> Iterator[list[str]]:
-    batch, size = [], 0
-    for p in files:
-        for doc in read_documents(p):
-            batch.append(doc)
-            size += len(doc)
-            if size >= chars:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def prepare(inputs: list[str], out: str, tokenizer: Tokenizer, shard_tokens: int, workers: int) -> list[str]:
-    """Tokenize .txt/.jsonl inputs into out/shard-NNNNN.bin (shard_tokens each, the last shorter)."""
+def prepare(inputs: list[str], out: str, tokenizer: Tokenizer, shard_tokens: int, workers: int,
+            progress_every: float = 5.0) -> list[str]:
+    """Tokenize .txt/.jsonl/.parquet inputs into out/shard-NNNNN.bin (shard_tokens each, the
+    last shorter); a progress line at most every progress_every seconds, then a summary."""
     files = sorted({p for spec in inputs for p in resolve_files(spec)})
     if any(p.suffix == ".bin" for p in files):
-        raise ValueError(f"prepare takes .txt/.jsonl; {next(str(p) for p in files if p.suffix == '.bin')} is already .bin")
+        raise ValueError(f"prepare takes .txt/.jsonl/.parquet; {next(str(p) for p in files if p.suffix == '.bin')} "
+                         "is already .bin")
     os.makedirs(out, exist_ok=True)
+    total = sum(p.stat().st_size for p in files)  # input bytes: what MB/s and the ETA count
     written, buf, n_tokens, t0 = [], [], 0, time.time()
+    last = t0
 
     def flush(tokens: np.ndarray) -> None:
         written.append(os.path.join(out, f"shard-{len(written):05d}.bin"))
@@ -554,16 +684,25 @@ def prepare(inputs: list[str], out: str, tokenizer: Tokenizer, shard_tokens: int
         print(f"prepare: wrote {written[-1]} ({tokens.size:,} tokens)")
 
     with multiprocessing.Pool(workers, _init_worker, (tokenizer.path,)) as pool:
-        for tokens in pool.imap(_encode_docs, _doc_batches(files)):  # imap keeps document order
+        # imap keeps document order; the batches are read by a thread of this process.
+        for tokens, files_done, bytes_done in pool.imap(_encode_docs, doc_batches(files)):
             buf.append(tokens)
             n_tokens += tokens.size
-            print(f"prepare: {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} tokens/s")
+            if time.time() - last >= progress_every:
+                last = time.time()
+                rate = bytes_done / max(last - t0, 1e-9)  # input bytes/s
+                eta = _hms((total - bytes_done) / rate) if rate else "?"
+                print(f"prepare: {files_done}/{len(files)} files, {n_tokens:,} tokens, "
+                      f"{rate / 1e6:,.1f} MB/s, ETA {eta}", flush=True)
             while sum(b.size for b in buf) >= shard_tokens:
                 stream = np.concatenate(buf)
                 flush(stream[:shard_tokens])
                 buf = [stream[shard_tokens:]]
     if sum(b.size for b in buf):
         flush(np.concatenate(buf))
+    elapsed = max(time.time() - t0, 1e-9)
+    print(f"prepare: done: {len(files)}/{len(files)} files, {n_tokens:,} tokens, {total / 1e6:,.1f} MB in "
+          f"{_hms(elapsed)} ({total / 1e6 / elapsed:,.1f} MB/s), {len(written)} shards in {out}", flush=True)
     return written
 
 
@@ -573,12 +712,13 @@ def main() -> None:
     t = sub.add_parser("train-tokenizer", help="train the builtin BPE on the builtin train split")
     t.add_argument("--vocab-size", type=int, default=3840, help="base ranks (256 bytes + merges)")
     t.add_argument("--out", default=str(BUILTIN_TOKENIZER))
-    p = sub.add_parser("prepare", help="tokenize .txt/.jsonl into .bin shards")
+    p = sub.add_parser("prepare", help="tokenize .txt/.jsonl/.parquet into .bin shards")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", default="builtin")
     p.add_argument("--shard-tokens", type=int, default=100_000_000)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
     s = sub.add_parser("stats", help="token counts of a dataset's splits")
     s.add_argument("--dataset", default="builtin")
     s.add_argument("--tokenizer", default="builtin")
@@ -588,7 +728,8 @@ def main() -> None:
         write_ranks(train_bpe(builtin_documents("train"), args.vocab_size), args.out)
         print(f"train-tokenizer: wrote {args.out}, sha256 {Tokenizer(args.out).sha256}")
     elif args.cmd == "prepare":
-        prepare(args.inputs, args.out, load_tokenizer(args.tokenizer), args.shard_tokens, args.workers)
+        prepare(args.inputs, args.out, load_tokenizer(args.tokenizer), args.shard_tokens, args.workers,
+                args.progress_every)
     else:
         tok = load_tokenizer(args.tokenizer)
         for split in ("train", "val"):

@@ -494,3 +494,164 @@ def test_token_ids_beyond_model_vocab(tok, corpus, tmp_path):
     with pytest.raises(ValueError, match="builtin.tiktoken: token id 4095 >= model.vocab_size 4000"):
         data.check_vocab(tok, 4000)
     data.check_vocab(tok, 4096)
+
+
+# ----------------------------------------------------------------------------- parquet
+
+PARQUET_DOCS = UNICODE_TEXTS + [f"def row_{i}(x):\n    return x * {i} + {i * i}  # parquet row {i}\n" for i in range(300)]
+
+
+def write_parquet(path: Path, columns: dict, **kwargs) -> Path:
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table(columns), path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def parquet_corpus(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """(dir of a.parquet (2 row groups) + b.parquet (3), dir of the same documents as
+    a.jsonl + b.jsonl, the documents in order); an extra "id" column the reader skips."""
+    root = tmp_path_factory.mktemp("parquet")
+    (root / "pq").mkdir()
+    (root / "jsonl").mkdir()
+    for name, docs, rows in (("a", PARQUET_DOCS[:200], 100), ("b", PARQUET_DOCS[200:], 40)):
+        write_parquet(root / "pq" / f"{name}.parquet", {"text": docs, "id": list(range(len(docs)))},
+                      row_group_size=rows)
+        (root / "jsonl" / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    pq = pytest.importorskip("pyarrow.parquet")
+    assert [pq.ParquetFile(root / "pq" / f).num_row_groups for f in ("a.parquet", "b.parquet")] == [2, 3]
+    return root / "pq", root / "jsonl", PARQUET_DOCS
+
+
+def test_parquet_stream_equals_jsonl(tok, parquet_corpus, tmp_path):
+    pq_dir, jsonl_dir, docs = parquet_corpus
+    ref = reference_stream(tok, docs)
+    cut = len(ref) - len(ref) // 20
+    for split, expect in (("train", ref[:cut]), ("val", ref[cut:])):
+        from_glob = data.load_dataset(str(pq_dir / "*.parquet"), tok, split, 3, str(tmp_path / "cache"))
+        from_dir = data.load_dataset(str(pq_dir), tok, split, 3, str(tmp_path / "cache"))
+        from_jsonl = data.load_dataset(str(jsonl_dir), tok, split, 3, str(tmp_path / "cache"))
+        assert split_tokens(from_glob) == split_tokens(from_dir) == split_tokens(from_jsonl) == expect
+
+
+def test_parquet_is_read_in_batches_of_the_text_column(tmp_path):
+    """Row group 1's text and row group 0's "id" are overwritten with garbage: reading the
+    whole file (pq.read_table) or every column fails at once; streaming the text column
+    yields the documents of row group 0 before it reaches the garbage."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    docs = [f"doc {i}" for i in range(2200)]  # row groups of 1100 rows > the reader's 1024-row batches
+    path = write_parquet(tmp_path / "c.parquet", {"text": docs, "id": list(range(2200))}, row_group_size=1100,
+                         use_dictionary=False, compression="none")
+    meta, raw = pq.ParquetFile(path).metadata, bytearray(path.read_bytes())
+    for rg, col in ((1, 0), (0, 1)):  # (row group, column): text of group 1, id of group 0
+        start, n = meta.row_group(rg).column(col).data_page_offset, meta.row_group(rg).column(col).total_compressed_size
+        raw[start:start + n] = b"\xff" * n  # the page headers no longer parse
+    path.write_bytes(bytes(raw))
+    with pytest.raises(OSError):
+        pq.read_table(path)
+    got = []
+    with pytest.raises(ValueError, match="c.parquet: cannot read as Parquet"):
+        for doc, _ in data.read_documents(path):
+            got.append(doc)
+    assert len(got) >= 1024 and got == docs[:len(got)]
+
+
+def test_parquet_null_text_is_skipped_and_counted(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    path = write_parquet(tmp_path / "n.parquet", {"text": ["a", None, "b", None]})
+    got = list(data.read_documents(path))
+    assert [d for d, _ in got] == ["a", "b"] and got[-1][1] == path.stat().st_size * 3 // 4
+    assert "n.parquet: skipped 2 of 4 rows whose text is null" in capsys.readouterr().out
+    write_parquet(tmp_path / "allnull.parquet", {"text": pa.array([None, None], pa.string())})
+    with pytest.raises(ValueError, match=r"allnull.parquet: no documents \(2 rows, 2 with null text\)"):
+        list(data.read_documents(tmp_path / "allnull.parquet"))
+
+
+@pytest.mark.parametrize("name, columns, match", [
+    ("nocol.parquet", {"content": ["x"], "id": [1]}, r"nocol.parquet: no column 'text' \(columns: content, id\)"),
+    ("intcol.parquet", {"text": [1, 2]}, r"intcol.parquet: column 'text' has type int64, expected string"),
+    ("garbage.parquet", None, r"garbage.parquet: cannot read as Parquet"),
+])
+def test_bad_parquet_input(tok, tmp_path, name, columns, match):
+    if columns is None:
+        (tmp_path / name).write_bytes(b"not a parquet file")
+    else:
+        write_parquet(tmp_path / name, columns)
+    with pytest.raises(ValueError, match=match):
+        data.load_dataset(str(tmp_path / name), tok, "train", 3, str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=match):
+        data.prepare([str(tmp_path / name)], str(tmp_path / "out"), tok, 100, 1)
+
+
+def test_parquet_without_pyarrow(tmp_path, monkeypatch):
+    import ast
+
+    tree = ast.parse(Path(data.__file__).read_text())
+    top = {a.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for a in node.names}
+    top |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert "pyarrow" not in top  # imported by read_parquet only
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ValueError, match=r"x.parquet: reading .parquet needs pyarrow: pip install pyarrow"):
+        list(data.read_documents(tmp_path / "x.parquet"))
+
+
+def test_prepare_parquet_equals_jsonl(tok, parquet_corpus, tmp_path):
+    pq_dir, jsonl_dir, docs = parquet_corpus
+    from_pq = data.prepare([str(pq_dir / "*.parquet")], str(tmp_path / "pq"), tok, 1000, 2)
+    from_jsonl = data.prepare([str(jsonl_dir)], str(tmp_path / "jsonl"), tok, 1000, 2)
+    assert len(from_pq) == len(from_jsonl) > 2
+    for a, b in zip(from_pq, from_jsonl):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+        assert Path(a + ".json").read_text() == Path(b + ".json").read_text()
+    assert np.concatenate([np.fromfile(p, dtype="<u4") for p in from_pq]).tolist() == reference_stream(tok, docs)
+
+
+def test_prepare_cli_parquet_progress(tok, parquet_corpus, tmp_path):
+    import re
+
+    pq_dir, _, docs = parquet_corpus
+    cmd = [sys.executable, str(Path(data.__file__)), "prepare", str(pq_dir / "*.parquet"), "--out",
+           str(tmp_path / "cli"), "--workers", "1", "--progress-every", "0"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert np.fromfile(tmp_path / "cli" / "shard-00000.bin", dtype="<u4").tolist() == reference_stream(tok, docs)
+    lines = run.stdout.splitlines()
+    assert any(re.fullmatch(r"prepare: [0-2]/2 files, [\d,]+ tokens, [\d.,]+ MB/s, ETA (\d+:\d\d:\d\d|\?)", x)
+               for x in lines), run.stdout
+    n = len(reference_stream(tok, docs))
+    assert re.fullmatch(rf"prepare: done: 2/2 files, {n:,} tokens, [\d.,]+ MB in \d+:\d\d:\d\d \([\d.,]+ MB/s\), "
+                        rf"1 shards in {re.escape(str(tmp_path / 'cli'))}", lines[-1]), run.stdout
+
+
+def test_train_on_parquet(parquet_corpus, tmp_path):
+    import train
+    from distributed import train_argv
+
+    pq_dir, _, _ = parquet_corpus
+    history = train.main(train_argv(str(tmp_path / "run"), f"data.dataset={pq_dir / '*.parquet'}",
+                                    f"data.cache_dir={tmp_path / 'cache'}", "training.steps=3"))
+    assert [r["step"] for r in history] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in history)
+    assert [p.suffix for p in sorted((tmp_path / "cache").iterdir())] == [".bin", ".json"]  # one cached stream
+
+
+def test_parquet_exact_resume(tok, parquet_corpus, tmp_path):
+    pq_dir, _, docs = parquet_corpus
+    ds = data.load_dataset(str(pq_dir / "*.parquet"), tok, "train", L, str(tmp_path / "cache"))
+    full = data.DataLoader(ds, L, 8, 2, 0, 1, seed=3)
+    steps_per_epoch = full.steps_per_epoch
+    ref = [next(full) for _ in range(4 * (steps_per_epoch + 3))]  # into the second epoch
+    for k in (5, 4 * steps_per_epoch - 2):  # mid-accumulation (4 micro batches a step); before the epoch ends
+        first = data.DataLoader(ds, L, 8, 2, 0, 1, seed=3)
+        for _ in range(k):
+            next(first)
+        resumed = data.DataLoader(ds, L, 8, 2, 0, 1, seed=3)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        for want in ref[k:k + 12]:
+            got = next(resumed)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    windows = {tuple(w) for w in np.array(reference_stream(tok, docs)[:len(ds) * (L + 1)]).reshape(-1, L + 1)}
+    x, y = ref[0]
+    assert all(tuple(torch.cat([x[i], y[i, -1:]]).tolist()) in windows for i in range(2))
