@@ -289,7 +289,7 @@ class Walker:
         for unit in state.units:  # the root first, then the blocks in forward order
             self._gather(unit)
 
-    def fsdp_backward(self, s: int, sync: bool) -> None:
+    def fsdp_backward(self, s: int, sync: bool, reshard: bool = True) -> None:
         state = self.par.fsdp_states.get(s)
         if state is None:
             return
@@ -303,7 +303,8 @@ class Walker:
                 if self.R > 1:
                     self.comm.add("dp_replicate", "all_reduce", elems * self.fsdp_reduce_bytes,
                                   "HSDP all-reduce: sum ceil(rows/W) cols x b_r")
-        self.gathered -= {id(unit) for unit in state.units}  # the end-of-backward callback reshards all
+        if reshard:  # the end-of-backward callback reshards all (under PP: the stage's last backward only)
+            self.gathered -= {id(unit) for unit in state.units}
 
     # -- the step ------------------------------------------------------------------------
 
@@ -333,7 +334,8 @@ class Walker:
                     self.fsdp_forward(a.stage)
                     self.stage_comm(stages[a.stage], True)
                 elif a.kind in ("B", "I"):
-                    self.fsdp_backward(a.stage, last_micro and a.mb == last_backward[a.stage])
+                    last = last_micro and a.mb == last_backward[a.stage]
+                    self.fsdp_backward(a.stage, last, reshard=last)  # train.sync_stage_grads
                     self.stage_comm(stages[a.stage], False)
                 elif a.kind in ("SEND_F", "SEND_B"):
                     what = "activations" if a.kind == "SEND_F" else "activation gradients"

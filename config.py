@@ -43,8 +43,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "builtin"  # builtin, or a path / glob of .txt, .jsonl, .bin
-    tokenizer: str = "builtin"  # builtin, or a tiktoken ranks file (Llama 3 tokenizer.model)
+    dataset: str = "builtin"  # builtin, or a path / dir / glob of .txt, .jsonl, .parquet (column text), .bin
+    tokenizer: str = "builtin"  # builtin, a tiktoken ranks file (Llama 3 tokenizer.model) or an HF tokenizer.json
     seq_len: int = 256
     cache_dir: str = ".cache/data"  # tokenized builtin / text datasets are cached here
 
@@ -93,6 +93,11 @@ class ParallelConfig:
     # 40-layer model (null: even split, earlier stages one layer more when uneven).
     pp_split_points: list | None = None
     fsdp_reshard_after_forward: bool = True  # free gathered block params after forward
+    # Under PP: keep each stage's FSDP units gathered from their first forward to their
+    # last backward of a step (one all-gather per unit per step, not two per micro-batch;
+    # costs the stage's full parameters in memory: planner.py shows both). TorchTitan's
+    # default under PP too.
+    fsdp_pp_gather_once: bool = True
     # true: accumulate unsharded gradients over micro-batches and reduce-scatter once
     # per optimizer step (more memory, 1/accum of the reduce-scatter traffic)
     fsdp_reduce_per_step: bool = False

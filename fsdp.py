@@ -120,11 +120,13 @@ class FSDPState:
         self.pending: list[tuple[FSDPUnit, dist.Work | None, torch.Tensor]] = []  # reduce-scatters
         self.callback_queued = False
         self.sync_grads = True
+        self.reshard_after_backward = True
 
     def finish_backward(self) -> None:
         """Queued on the autograd engine by the first pre-backward hook; runs when the
         whole backward is done: wait for every reduce-scatter, all-reduce over the
-        replicas (HSDP), add into param.grad, reshard every unit."""
+        replicas (HSDP), add into param.grad, reshard every unit (unless
+        reshard_after_backward is off: a pipeline's micro-batches before its last)."""
         for unit, work, out in self.pending:
             if work is not None:
                 work.wait()
@@ -134,9 +136,10 @@ class FSDPState:
             unit.accumulate_shard_grads(out)
         self.pending.clear()
         missing = [type(u.module).__name__ for u in self.forward_order if not u.backward_done]
-        for unit in self.units:
-            unit.swap(unit.shards)
-            unit.full = None
+        if self.reshard_after_backward:
+            for unit in self.units:
+                unit.swap(unit.shards)
+                unit.full = None
         self.forward_order.clear()
         self.callback_queued = False
         if missing:
@@ -418,6 +421,15 @@ def set_gradient_sync(state: FSDPState, sync: bool) -> None:
     """sync=False: the following backwards accumulate unsharded gradients; the next
     backward with sync=True reduce-scatters their sum once."""
     state.sync_grads = sync
+
+
+def set_reshard_after_backward(state: FSDPState, reshard: bool) -> None:
+    """reshard=False: units stay unsharded after the following backwards; with
+    reshard_after_forward off as well, a unit gathered in the first forward of an
+    optimizer step is not gathered again until the backward that reshards (a pipeline
+    keeps its stage gathered over all its micro-batches: one all-gather per unit per
+    step instead of two per micro-batch, for the memory of the stage's full parameters)."""
+    state.reshard_after_backward = reshard
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:

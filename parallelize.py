@@ -149,7 +149,8 @@ def parallelize(cfg: config.Config, plan: config.Plan, groups: dict[str, dist.Pr
             fsdp_states[s] = fsdp.apply_fsdp(
                 stage, list(stage.layers.values()), groups["dp_shard_cp"], groups["dp_replicate"],
                 param_dtype=torch.bfloat16 if config.DTYPES[t.dtype] == torch.bfloat16 else None,
-                reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
+                reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward and not (
+                    pp > 1 and cfg.parallel.fsdp_pp_gather_once),  # train.sync_stage_grads reshards once
             )
     if pp > 1:
         model = pipeline.Stages(stages)  # one module for init, optimizer, checkpoints

@@ -358,9 +358,12 @@ def build_pipeline(cfg: config.Config, plan: config.Plan, par: Parallelized, gro
 
 def sync_stage_grads(fsdp_states: dict[int, object], stage: int, sync: bool) -> None:
     """The pipeline calls this before each backward of a stage: FSDP reduce-scatters a
-    stage's gradients only on its last backward of the optimizer step."""
+    stage's gradients, and reshards its units, only on its last backward of the
+    optimizer step (with parallel.fsdp_pp_gather_once the units were not resharded
+    after forward either: gathered once per step)."""
     if stage in fsdp_states:
         fsdp.set_gradient_sync(fsdp_states[stage], sync)
+        fsdp.set_reshard_after_backward(fsdp_states[stage], sync)
 
 
 # ---------------------------------------------------------------------------------------

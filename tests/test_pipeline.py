@@ -205,7 +205,6 @@ def _check_schedule(actions: list[list[Action]], pp: int, m: int, v: int) -> lis
 def _replay(actions: list[list[Action]], topo: list[tuple], n_stages: int, cost: dict) -> dict:
     """Earliest start of every compute action in topological order (graph longest path),
     and per rank the peak number of chunks forwarded and not yet released."""
-    pp = len(actions)
     compute = [[a for a in order if a.kind in pipeline.COMPUTE] for order in actions]
     split = any(a.kind == "I" for order in compute for a in order)
     prev, rank_of = {}, {}
@@ -639,38 +638,52 @@ def test_loss_parity_through_train(tmp_path_factory, name, opt, world, layout):
 
 
 # ---------------------------------------------------------------------------------------
-# 5. PP x FSDP: one reduce-scatter per FSDP unit per optimizer step
+# 5. PP x FSDP: one reduce-scatter and one all-gather per FSDP unit per optimizer step
 
-def _train_counting_reduce_scatter(rank: int, world: int, argv: list[str]) -> tuple[list[dict], list[int]]:
-    """train.main with dist.reduce_scatter_single counted; a step ends at clip_grad_norm.
-    Returns the history and the number of reduce-scatters in each step."""
+def _train_counting_reduce_scatter(rank: int, world: int, argv: list[str]
+                                   ) -> tuple[list[dict], list[int], list[int]]:
+    """train.main with dist.reduce_scatter_single and dist.all_gather_single counted
+    (not those of evaluations); a step ends at clip_grad_norm. Returns the history and the
+    number of reduce-scatters and of all-gathers in each step."""
     import train
 
     events = []
-    real_rs, real_clip = dist.reduce_scatter_single, train.clip_grad_norm
+    real_rs, real_ag, real_clip, real_eval = (dist.reduce_scatter_single, dist.all_gather_single,
+                                              train.clip_grad_norm, train.evaluate)
 
-    def counted(*args, **kwargs):
-        events.append("rs")
-        return real_rs(*args, **kwargs)
+    def counted(kind, real):
+        def call(*args, **kwargs):
+            events.append(kind)
+            return real(*args, **kwargs)
+        return call
 
     def clip(*args, **kwargs):
         events.append("step")
         return real_clip(*args, **kwargs)
 
-    dist.reduce_scatter_single, train.clip_grad_norm = counted, clip
+    def evaluate(*args, **kwargs):
+        start = len(events)
+        try:
+            return real_eval(*args, **kwargs)
+        finally:
+            del events[start:]
+
+    dist.reduce_scatter_single, dist.all_gather_single = counted("rs", real_rs), counted("ag", real_ag)
+    train.clip_grad_norm, train.evaluate = clip, evaluate
     try:
         history = train.main(argv)
     finally:
-        dist.reduce_scatter_single, train.clip_grad_norm = real_rs, real_clip
-    per_step, n = [], 0
+        dist.reduce_scatter_single, dist.all_gather_single = real_rs, real_ag
+        train.clip_grad_norm, train.evaluate = real_clip, real_eval
+    per_step, n = [], {"rs": 0, "ag": 0}
     for e in events:
-        if e == "rs":
-            n += 1
-        else:
+        if e == "step":
             per_step.append(n)
-            n = 0
-    assert n == 0, "reduce-scatters after the last step"
-    return history, per_step
+            n = {"rs": 0, "ag": 0}
+        else:
+            n[e] += 1
+    assert n["rs"] == 0, "reduce-scatters after the last step"
+    return history, [c["rs"] for c in per_step], [c["ag"] for c in per_step]
 
 
 _FSDP_RUNS = [  # (name, optimizer, layout, pp_stages_per_rank, split points)
@@ -684,12 +697,28 @@ _FSDP_RUNS = [  # (name, optimizer, layout, pp_stages_per_rank, split points)
 ]
 
 
+def test_pp_fsdp_gathers_per_micro_batch_when_told_to(tmp_path_factory):
+    """parallel.fsdp_pp_gather_once=false: blocks are gathered again for every forward and
+    backward of every micro-batch (2 x 4 micro-batches x blocks, plus the root once), for
+    less memory; the training still matches the single-process run."""
+    ref = _reference_run(tmp_path_factory, [])
+    layout = ["parallel.pp=2", "parallel.dp_shard=2", "training.micro_batch_size=4", "parallel.pp_microbatches=4",
+              "parallel.fsdp_pp_gather_once=false"]
+    out = run_on_ranks(_train_counting_reduce_scatter, 4,
+                       train_argv(str(tmp_path_factory.mktemp("per-mb")), *M4, *layout), timeout=300)
+    for rank, (_, scatters, gathers) in enumerate(out):
+        blocks = 2  # 4 layers over 2 stages; each rank's stage has a root unit too (first / last)
+        assert scatters == [blocks + 1] * 10 and gathers == [2 * 4 * blocks + 1] * 10, (rank, scatters, gathers)
+    assert not exceeding(parity([h for h, _, _ in out], ref))
+
+
 @pytest.mark.parametrize("name, opt, layout, v, split", _FSDP_RUNS, ids=[r[0] for r in _FSDP_RUNS])
 def test_pp_fsdp_reduce_scatters_once_per_step(tmp_path_factory, name, opt, layout, v, split):
-    """PP 2 x FSDP 2: in every step each rank issues exactly one reduce-scatter per FSDP
-    unit of its stages (a unit per block, plus the root of the first / last stage), not
-    one per micro-batch (m, or m x micro-steps, times that); and the training matches the
-    single-process run."""
+    """PP 2 x FSDP 2: in every step each rank issues exactly one reduce-scatter and one
+    all-gather per FSDP unit of its stages (a unit per block, plus the root of the first /
+    last stage), not one per micro-batch (m, or m x micro-steps, times that): the units
+    stay gathered from their first forward to their last backward
+    (parallel.fsdp_pp_gather_once); and the training matches the single-process run."""
     ref = _reference_run(tmp_path_factory, opt)
     out = run_on_ranks(_train_counting_reduce_scatter, 4,
                        train_argv(str(tmp_path_factory.mktemp(name)), *M4, *opt, *layout), timeout=300)
@@ -697,9 +726,10 @@ def test_pp_fsdp_reduce_scatters_once_per_step(tmp_path_factory, name, opt, layo
     layers = pipeline.split_layers(4, n, split)
     units = {r: sum(len(layers[s]) + (s in (0, n - 1)) for s in range(r, n, 2)) for r in range(2)}
     assert units == ({0: 2, 1: 4} if v == 1 else {0: 3, 1: 3})
-    for rank, (_, per_step) in enumerate(out):
-        assert per_step == [units[rank // 2]] * 10, (rank, per_step)  # rank = pp * 2 + dp_shard
-    err = parity([h for h, _ in out], ref)
+    for rank, (_, scatters, gathers) in enumerate(out):
+        assert scatters == [units[rank // 2]] * 10, (rank, scatters)  # rank = pp * 2 + dp_shard
+        assert gathers == [units[rank // 2]] * 10, (rank, gathers)
+    err = parity([h for h, _, _ in out], ref)
     assert not exceeding(err), (name, err)
 
 
