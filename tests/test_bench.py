@@ -40,3 +40,14 @@ def test_quick_runs_do_not_overwrite_the_figures():
     class Args:
         quick, out = True, None
     assert common.out_dir(Args) == os.path.join(common.ROOT, "runs", "bench")
+
+
+def test_fsdp_pp_bench_counts_fewer_gathers_once_per_step(tmp_path):
+    """bench/fsdp_pp.py at its smoke-test sizes (PP 2 x FSDP 2, 2 micro-batches, one
+    block per stage): gathered once per step, rank 0 all-gathers its 2 units once (the
+    root and the block); per micro-batch, the block 2 x 2 times more: 5."""
+    from bench import fsdp_pp
+
+    (row,) = fsdp_pp.main(["--quick", "--out", str(tmp_path)])
+    assert "all-gathers 2 vs 5 per step" in row["check"] and "losses asserted equal" in row["check"]
+    assert "| gathered once per step |" in (tmp_path / "fsdp_pp.md").read_text()
