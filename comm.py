@@ -169,11 +169,45 @@ class Walker:
         elif fwd:
             self.comm.add("tp", "all_reduce", tokens * D * self.a_mm, "ReduceFromTP: B S D a")
 
-    def _async_ring(self, tokens: int, pairs: int) -> None:
-        """Async TP: each ring (one all-gather-matmul or matmul-reduce-scatter, forward or
-        backward) sends t-1 sequence blocks of (B, S/t, D) in the compute dtype."""
-        block = tokens // self.t * self.args.dim * self.a_mm
-        self.comm.add("tp", "send", block, "async TP ring: (t-1) x B S/t D a", times=pairs * (self.t - 1))
+    def _async_tp(self, block, part: str, fwd: bool, tokens: int) -> None:
+        """Async TP in one attention or FFN part: each ring sends t-1 sequence blocks. The
+        column group runs one ring per kind of linear (plain, or float8 of one recipe);
+        its forward ring and the row linear's backward ring all-gather PACKED blocks
+        (tensor_parallel.Matmuls.pack: the compute dtype, or float8.Float8RingMatmuls':
+        D bytes per token tensorwise, 2 D + 4 rowwise); the other two move partial sums
+        in the compute dtype. Float8 adds its amax all-reduces: tensorwise one float per
+        quantized tensor (x once per ring, each weight unless FSDP gathered it in float8,
+        each output gradient), rowwise one D-float per-feature amax of a sequence shard
+        (x of the column group forward, dY of the row linear backward)."""
+        D, t = self.args.dim, self.t
+        mod = block.attention if part == "attn" else block.feed_forward
+        cols, row = ([mod.wq, mod.wk, mod.wv], mod.wo) if part == "attn" else ([mod.w1, mod.w3], mod.w2)
+        partials = tokens // t * D * self.a_mm
+        kinds: dict = {}
+        for linear in cols:
+            kinds.setdefault(getattr(linear, "recipe", None) if isinstance(linear, float8.Float8Linear) else None,
+                             []).append(linear)
+        rings = [(recipe, linears, True) for recipe, linears in kinds.items()]  # (kind, linears, column?)
+        rings.append((getattr(row, "recipe", None) if isinstance(row, float8.Float8Linear) else None, [row], False))
+        for recipe, linears, column in rings:
+            if fwd != column:  # row forward, column backward: a travelling accumulator of partial sums
+                self.comm.add("tp", "send", partials, "async TP ring, partial sums: (t-1) x B S/t D a", times=t - 1)
+            elif recipe is None:
+                self.comm.add("tp", "send", tokens // t * D * self.a_mm, "async TP ring: (t-1) x B S/t D a",
+                              times=t - 1)
+            elif recipe == "tensorwise":
+                self.comm.add("tp", "send", tokens // t * D, "async TP float8 ring (tensorwise): (t-1) x B S/t D "
+                              "x 1 B", times=t - 1)
+            else:
+                self.comm.add("tp", "send", tokens // t * (2 * D + 4), "async TP float8 ring (rowwise): (t-1) x "
+                              "B S/t (2 D + 4) B: two e4m3 rows and a float32 scale per token", times=t - 1)
+            if recipe == "tensorwise":
+                pre = sum(lin.fsdp_float8_all_gather and bool(self.par.fsdp_states) for lin in linears)
+                n = 1 + len(linears) - pre if fwd else len(linears)
+                self.comm.add("tp", "all_reduce", 4, "float8 amax (x, w / grads): one float32", times=n)
+            elif recipe == "rowwise" and fwd == column:
+                self.comm.add("tp", "all_reduce", 4 * D, "float8 rowwise per-feature amax of a sequence shard: D "
+                              "float32")
 
     def _attention(self, fwd: bool, tokens: int) -> None:
         if self.cp == 1:
@@ -209,13 +243,12 @@ class Walker:
             [f for f in f8 if f in set(block.feed_forward.modules())]
         order = [("attn", attn), ("ffn", ffn)] if fwd else [("ffn", ffn), ("attn", attn)]
         for part, linears in order:
-            if self.t > 1:
-                if self.async_tp:
-                    self._async_ring(tokens, 2)  # entry ring + exit ring
-                else:
-                    self._tp_entry(fwd, tokens)
-                    if not (recompute and part == "ffn"):
-                        self._tp_exit(fwd, tokens)
+            if self.t > 1 and self.async_tp:
+                self._async_tp(block, part, fwd, tokens)  # entry ring(s) + exit ring, float8's amaxes
+            elif self.t > 1:
+                self._tp_entry(fwd, tokens)
+                if not (recompute and part == "ffn"):
+                    self._tp_exit(fwd, tokens)
                 self._float8_amax(fwd, linears)
             if part == "attn":
                 self._attention(fwd, tokens)

@@ -86,7 +86,7 @@ class ParallelConfig:
     loss_parallel: bool = True
     async_tp: bool = False
     cp_rotate: str = "ring"  # ring | allgather: how K/V reach the other context-parallel ranks
-    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zero_bubble
+    pp_schedule: str = "1f1b"  # one of pipeline.SCHEDULES: gpipe | 1f1b | interleaved_1f1b | zero_bubble | zbv
     pp_microbatches: int = 0  # 0: one per pipeline stage
     pp_stages_per_rank: int = 1
     # First layer of each stage after the first, e.g. [10, 20, 30] for 4 stages of a
@@ -373,20 +373,11 @@ def validate(cfg: Config, world_size: int) -> Plan:
     context_parallel.check_cp_args(cp, cfg.data.seq_len, p.cp_rotate)
     tensor_parallel.check_tp_args(tp, args.n_heads, args.kv_heads, {
         "model.vocab_size": args.vocab_size, "the FFN hidden dim (model.dim, ffn_dim_multiplier, multiple_of)":
-        args.ffn_dim}, cfg.data.seq_len // cp, p.sequence_parallel, p.async_tp, cfg.float8.enabled)
+        args.ffn_dim}, cfg.data.seq_len // cp, p.sequence_parallel, p.async_tp)
     float8.check_float8_args(cfg.float8.recipe, cfg.float8.fsdp_float8_all_gather)
     pipeline.check_stage_args(args.n_layers, pp, v, p.pp_split_points)
     if pp > 1:
         pipeline.check_schedule_args(p.pp_schedule, pp, microbatches, v)
-    if pp > 1 and p.pp_schedule == "zero_bubble":
-        clash = [what for what, on in (
-            ("FSDP (dp_shard / dp_replicate / cp > 1)", degrees["dp_shard"] * degrees["dp_replicate"] * cp > 1),
-            ("parallel.async_tp", tp > 1 and p.async_tp), ("float8.enabled", cfg.float8.enabled),
-            ("activation_checkpoint.mode", cfg.activation_checkpoint.mode != "none")) if on]
-        if clash:
-            raise ValueError(f"parallel.pp_schedule=zero_bubble cannot run with {', '.join(clash)}: its weight-"
-                             f"gradient split computes dW = dy^T x outside autograd, which those produce inside "
-                             f"their own machinery; use parallel.pp_schedule=1f1b or interleaved_1f1b")
     option = cfg.activation_checkpoint.selective_option
     if cfg.activation_checkpoint.mode == "selective" and option != "op" and not (isinstance(option, int)
                                                                                    and option >= 1):

@@ -13,6 +13,7 @@ What it does
     are swapped (those without bias, dims divisible by 16, not named in `skip`); the
     others are returned with the reason. `check_float8_args(recipe,
     fsdp_float8_all_gather)` is the settings check, called by the swap and config.validate.
+    `Float8RingMatmuls`: the same GEMMs block by block, for async TP's rings.
 
 Formats and scales
     e4m3 (max 448, 3 mantissa bits) carries activations and weights: more precision.
@@ -39,8 +40,21 @@ Composition
     sharded gradient each hold part of the logical tensor. Pass `amax_group` (the tp
     group) and the tensorwise amaxes are all-reduced (MAX) over it, so every rank uses
     the scale of the whole logical tensor and the result does not depend on the TP
-    degree. (Rowwise scales are per row of the contraction dim; TP shards would have to
-    split along rows only; the amax group is not used there.)
+    degree. (Rowwise scales are per row of the contraction dim, over this rank's slice
+    of it; Float8Matmul does not use the amax group there.)
+    Async TP: `Float8RingMatmuls` (a Float8Linear's `ring_matmuls`) runs the three GEMMs
+    block by block for tensor_parallel.py's rings, with Float8Matmul's operands and
+    scales: each shard is quantized ONCE before its ring, so the ring all-gathers float8.
+    Tensorwise: x (e4m3) or dY (e5m2), 1 byte per element, the scale from the amax over
+    tp (the same on every rank: none travels). Rowwise: per token its row scaled over
+    the features with its float32 scale (scales travel with their rows), and its row
+    scaled per feature over ALL tokens, the operand of the weight-gradient GEMM (which
+    the sync path quantizes from the gathered high-precision tensor): per-feature amaxes
+    of a sequence shard all-reduced (MAX) over tp, so 2 bytes per element + 4 per token.
+    (Re-gathering x in backward for the weight gradient, Megatron's way, would keep
+    less memory, for a second ring.) Weights are quantized once per forward (rowwise
+    both ways); a weight FSDP gathered in float8 is used as it came. Blocks are the
+    sync GEMMs' rows; only float32 sums run in another order (dW over blocks of tokens).
     FSDP: the forward sees the all-gathered full weight, so its amax is global already.
     With `fsdp_float8_all_gather` (tensorwise only) the weight is cast to e4m3 BEFORE
     the all-gather, through fsdp.py's payload hooks (`fsdp_pre_all_gather` /
@@ -54,16 +68,21 @@ Composition
 
 Communication: with amax_group, three all-reduces of one float per linear per step
 (x and W in forward, go in backward); with the float8 all-gather, one all-reduce of one
-float per weight per gather. Memory: forward saves x and W in float8
-(tensorwise: 1 byte per element instead of 2 or 4).
+float per weight per gather. In async TP's rings: tensorwise x once per column group
+(not per linear), W, dY as above; rowwise one all-reduce of D floats per sequence-
+sharded operand (x of a column group, dY of a row linear). Memory: forward saves x and
+W in float8 (tensorwise: 1 byte per element instead of 2 or 4; the async rings keep the
+gathered float8 x of a column group: 1 byte, rowwise 2 + 4 per token).
 
 What TorchTitan / torchao do that this file does not
-    Float8 TP all-gathers (the sequence all-gather before a column-parallel float8 linear
-    carries high precision here), a single all-reduce of every weight's amax after the
-    optimizer step (we do one per weight per gather); torch.compile fusion of the casts (we run them eagerly: on a
-    GPU, compile is what makes float8 fast); delayed scaling (removed from torchao);
-    the rowwise_with_gw_hp recipe; `pad_inner_dim` (we skip layers whose dims do not
-    divide by 16, and say so).
+    Float8 all-gathers in SYNC tensor parallel (there the sequence all-gather before a
+    column-parallel float8 linear carries high precision; async TP's rings do move
+    float8, for both recipes, where torchao's float8 TP is tensorwise only); a single
+    all-reduce of every weight's amax after the optimizer step (we do one per weight per
+    gather); torch.compile fusion of the casts (we run them eagerly: on a GPU, compile is
+    what makes float8 fast); delayed scaling (removed from torchao); the
+    rowwise_with_gw_hp recipe; `pad_inner_dim` (we skip layers whose dims do not divide
+    by 16, and say so).
 """
 
 from __future__ import annotations
@@ -80,11 +99,12 @@ EPS = 1e-12
 
 
 def _amax(x: torch.Tensor, dim: int | None, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """max |x| over the whole tensor (dim None) or along `dim` (keepdim), float32."""
+    """max |x| over the whole tensor (dim None) or along `dim` (keepdim), float32; with a
+    group, over every rank's x (the shards of one logical tensor)."""
     amax = x.detach().abs().amax() if dim is None else x.detach().abs().amax(dim=dim, keepdim=True)
     amax = amax.float()
-    if group is not None and dim is None and dist.get_world_size(group) > 1:
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)  # comm: tp group, one float
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)  # comm: tp group, one float (per slice)
     return amax
 
 
@@ -137,22 +157,109 @@ class Float8Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go: torch.Tensor):
+        # Each gradient only if ctx.needs_input_grad asks for it: a zero-bubble pipeline asks
+        # for grad_x in its I pass and for grad_w in its W pass (pipeline.py).
+        want_x, want_w = ctx.needs_input_grad[:2]
+        grad_x = grad_w = None
         if ctx.recipe == "tensorwise":
             x_f8, x_inv, w_f8, w_inv = ctx.saved_tensors
             go_f8, go_inv = to_float8(go, E5M2, group=ctx.group)  # (M, N), range over precision
-            grad_x = scaled_mm(go_f8, go_inv, _col_major(w_f8), w_inv, ctx.out_dtype)  # (M, K)
-            grad_w = scaled_mm(go_f8.t(), go_inv, _col_major(x_f8), x_inv, ctx.out_dtype)  # (N, K)
+            if want_x:
+                grad_x = scaled_mm(go_f8, go_inv, _col_major(w_f8), w_inv, ctx.out_dtype)  # (M, K)
+            if want_w:
+                grad_w = scaled_mm(go_f8.t(), go_inv, _col_major(x_f8), x_inv, ctx.out_dtype)  # (N, K)
             return grad_x, grad_w, None, None, None
         x, w = ctx.saved_tensors
-        # grad_x = go @ w: contraction over N -> go per row (M, 1), w per column (1, K).
-        go_f8, go_inv = to_float8(go, E4M3, dim=1, pow2=True)
-        w_f8, w_inv = to_float8(w, E4M3, dim=0, pow2=True)
-        grad_x = scaled_mm(go_f8, go_inv, _col_major(w_f8), w_inv, ctx.out_dtype)
-        # grad_w = go^T @ x: contraction over M -> go per column (N, 1), x per column (1, K).
-        goT_f8, goT_inv = to_float8(go, E4M3, dim=0, pow2=True)
-        x_f8, x_inv = to_float8(x, E4M3, dim=0, pow2=True)
-        grad_w = scaled_mm(goT_f8.t(), goT_inv.view(-1, 1), _col_major(x_f8), x_inv, ctx.out_dtype)
-        return grad_x, grad_w.to(w.dtype), None, None, None
+        if want_x:  # grad_x = go @ w: contraction over N -> go per row (M, 1), w per column (1, K).
+            go_f8, go_inv = to_float8(go, E4M3, dim=1, pow2=True)
+            w_f8, w_inv = to_float8(w, E4M3, dim=0, pow2=True)
+            grad_x = scaled_mm(go_f8, go_inv, _col_major(w_f8), w_inv, ctx.out_dtype)
+        if want_w:  # grad_w = go^T @ x: contraction over M -> go per column (N, 1), x per column (1, K).
+            goT_f8, goT_inv = to_float8(go, E4M3, dim=0, pow2=True)
+            x_f8, x_inv = to_float8(x, E4M3, dim=0, pow2=True)
+            grad_w = scaled_mm(goT_f8.t(), goT_inv.view(-1, 1), _col_major(x_f8), x_inv, ctx.out_dtype).to(w.dtype)
+        return grad_x, grad_w, None, None, None
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+class Float8RingMatmuls:
+    """A Float8Linear's three GEMMs on blocks of tokens, for async TP's rings
+    (tensor_parallel.Matmuls has the protocol): every operand quantized ONCE, with the
+    scales Float8Matmul would use on the whole tensor, so that the rings compute its
+    numbers block by block. Tensors are (B, n, features); `packed` is a uint8 (B, n, c):
+        tensorwise  c = K: the e4m3 (inputs) or e5m2 (gradients) bytes; the scale, from the
+                    amax all-reduced (MAX) over tp, is `shared` (the same on every rank)
+        rowwise     c = 2 K + 4: per token its e4m3 row scaled over the features (the GEMM
+                    that contracts features), the row's float32 inverse scale (4 bytes: it
+                    travels with its row), then its e4m3 row scaled per feature over ALL
+                    tokens (the weight-gradient GEMM contracts tokens; for a sequence
+                    shard the per-feature amax is all-reduced (MAX) over tp); the per-
+                    feature inverse scales (1, K) are `shared`."""
+
+    def __init__(self, recipe: str, dtype: torch.dtype, group: dist.ProcessGroup | None):
+        self.recipe, self.dtype, self.group = recipe, dtype, group
+        self.key = ("float8", recipe)
+
+    def weight(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """tensorwise (w_f8, inv), as FSDP's float8 all-gather left it if it did; rowwise
+        (w_f8 per row over K, (N, 1) inv, w_f8 per column over N, (1, K) inv)."""
+        if self.recipe == "tensorwise":
+            w_float8 = getattr(w, "float8", None)  # gathered in float8 by FSDP
+            return w_float8 if w_float8 is not None else to_float8(w.to(self.dtype), E4M3, group=self.group)
+        w = w.to(self.dtype)
+        return (*to_float8(w, E4M3, dim=1, pow2=True), *to_float8(w, E4M3, dim=0, pow2=True))
+
+    def pack(self, x: torch.Tensor, grad: bool, seq_sharded: bool) -> tuple[torch.Tensor, tuple]:
+        B, n, K = x.shape
+        x2 = x.to(self.dtype).reshape(-1, K)  # (M, K), M = B n tokens
+        if self.recipe == "tensorwise":
+            x_f8, inv = to_float8(x2, E5M2 if grad else E4M3, group=self.group)
+            return x_f8.view(torch.uint8).view(B, n, K), (inv,)
+        row, row_inv = to_float8(x2, E4M3, dim=1, pow2=True)  # (M, 1): over this rank's features
+        col, col_inv = to_float8(x2, E4M3, dim=0, pow2=True, group=self.group if seq_sharded else None)  # (1, K)
+        packed = torch.cat([row.view(torch.uint8), row_inv.view(torch.uint8), col.view(torch.uint8)], dim=1)
+        return packed.view(B, n, 2 * K + 4), (col_inv,)
+
+    def _rows(self, p: torch.Tensor, shared: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, K) float8 scaled for contracting features, and its inverse scale."""
+        flat = p.reshape(-1, p.shape[-1])
+        if self.recipe == "tensorwise":
+            return flat.view(dtype), shared[0]
+        K = (flat.shape[1] - 4) // 2
+        return flat[:, :K].view(E4M3), flat[:, K:K + 4].contiguous().view(torch.float32)  # inv (M, 1)
+
+    def _cols(self, p: torch.Tensor, shared: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, K) float8 scaled for contracting tokens, and its inverse scale (1, K)."""
+        flat = p.reshape(-1, p.shape[-1])
+        if self.recipe == "tensorwise":
+            return flat.view(dtype), shared[0]
+        return flat[:, (flat.shape[1] - 4) // 2 + 4:].view(E4M3), shared[0]
+
+    def out(self, xp: torch.Tensor, xs: tuple, w: tuple) -> torch.Tensor:
+        B, n, _ = xp.shape
+        if (B * n) % 16:
+            raise ValueError(f"async TP with float8: {B} x {n} = {B * n} tokens per ring block (micro-batch x "
+                             f"seq_len / tp) must be divisible by 16 for the weight-gradient GEMM")
+        x_f8, x_inv = self._rows(xp, xs, E4M3)
+        w_inv = w[1] if self.recipe == "tensorwise" else w[1].view(1, -1)  # scale_b (1, N)
+        return scaled_mm(x_f8, x_inv, w[0].t(), w_inv, self.dtype, fast_accum=True).view(B, n, -1)
+
+    def grad_x(self, gp: torch.Tensor, gs: tuple, w: tuple) -> torch.Tensor:
+        B, n, _ = gp.shape
+        g_f8, g_inv = self._rows(gp, gs, E5M2 if self.recipe == "tensorwise" else E4M3)
+        w_f8, w_inv = w[:2] if self.recipe == "tensorwise" else w[2:]  # rowwise: per column over N
+        return scaled_mm(g_f8, g_inv, _col_major(w_f8), w_inv, self.dtype).view(B, n, -1)
+
+    def grad_w(self, gp: torch.Tensor, gs: tuple, xp: torch.Tensor, xs: tuple) -> torch.Tensor:
+        g_f8, g_inv = self._cols(gp, gs, E5M2 if self.recipe == "tensorwise" else E4M3)  # (M, N)
+        x_f8, x_inv = self._cols(xp, xs, E4M3)  # (M, K)
+        g_inv = g_inv if self.recipe == "tensorwise" else g_inv.view(-1, 1)  # scale_a (N, 1)
+        # In the compute dtype, as Float8Matmul's (CUDA's rowwise kernels want bf16 out), then
+        # accumulated over the blocks in float32.
+        return scaled_mm(g_f8.t(), g_inv, _col_major(x_f8), x_inv, self.dtype).to(_acc_dtype(self.dtype))
 
 
 class Float8Linear(nn.Linear):
@@ -183,6 +290,10 @@ class Float8Linear(nn.Linear):
         w = (w_f8.to(torch.float32) * w_inv).to(dtype)
         w.float8 = (w_f8, w_inv)
         return w
+
+    def ring_matmuls(self, dtype: torch.dtype) -> Float8RingMatmuls:
+        """Its GEMMs block by block, for tensor_parallel.py's async TP rings."""
+        return Float8RingMatmuls(self.recipe, dtype, self.amax_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type

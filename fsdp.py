@@ -35,6 +35,12 @@ When the collectives run (the machinery, all visible in this file)
       overlaps the backward of the units before. A callback queued on the autograd
       engine waits for every reduce-scatter at the end of backward, all-reduces over the
       replicate group (HSDP), and adds the shard gradients into `param.grad`.
+    * a split backward (a zero-bubble pipeline, pipeline.py): a pass that asks for input
+      gradients only (I) runs the pre-backward hooks but reaches no GatherParams, so its
+      end-of-backward callback does nothing; the later pass from the weights (W) reaches
+      GatherParams, which queues the callback itself. Each gathered parameter is handed to
+      its module as a view with an autograd node of its own, so W can ask autograd for
+      one parameter's gradient at a time (autograd captures gradients per node).
     Every collective is issued in the same order on every rank (module order in
     forward, its reverse in backward). A group of size 1 issues no collective.
 
@@ -84,9 +90,10 @@ Memory per rank
 Requirements
     Units must be called as modules (their hooks run) in the same order on every rank;
     every parameter must receive a gradient in every backward (true for Llama: a unit
-    whose backward never ran raises); the optimizer must be built after sharding
-    (`check_optimizer`). A parameter sharded before (tensor parallel) records its place
-    in the global tensor in `global_shape` / `global_offset`; the shard composes them.
+    whose backward never ran, in a pass where another unit's did, raises); the optimizer
+    must be built after sharding (`check_optimizer`). A parameter sharded before (tensor
+    parallel) records its place in the global tensor in `global_shape` / `global_offset`;
+    the shard composes them.
 
 What PyTorch's FSDP2 (TorchTitan) does that this file does not
     DTensor parameters (we use plain tensors plus two attributes), CUDA streams for
@@ -119,14 +126,27 @@ class FSDPState:
         self.forward_order: list[FSDPUnit] = []  # units in the order their forward ran
         self.pending: list[tuple[FSDPUnit, dist.Work | None, torch.Tensor]] = []  # reduce-scatters
         self.callback_queued = False
+        self.reduced = False  # a unit's GatherParams backward ran in this backward pass
         self.sync_grads = True
         self.reshard_after_backward = True
 
+    def queue_finish(self) -> None:
+        """Have finish_backward run at the end of the running backward pass (once)."""
+        if not self.callback_queued:
+            self.callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish_backward)
+
     def finish_backward(self) -> None:
-        """Queued on the autograd engine by the first pre-backward hook; runs when the
-        whole backward is done: wait for every reduce-scatter, all-reduce over the
-        replicas (HSDP), add into param.grad, reshard every unit (unless
-        reshard_after_backward is off: a pipeline's micro-batches before its last)."""
+        """Queued on the autograd engine by the first pre-backward hook or GatherParams
+        backward of a pass; runs when that pass is done: wait for every reduce-scatter,
+        all-reduce over the replicas (HSDP), add into param.grad, reshard every unit
+        (unless reshard_after_backward is off: a pipeline's micro-batches before its
+        last). A pass that reached no GatherParams (a zero-bubble pipeline's I, input
+        gradients only) leaves all of that to the pass that follows with the weights (W)."""
+        self.callback_queued = False
+        if not self.reduced:
+            return
+        self.reduced = False
         for unit, work, out in self.pending:
             if work is not None:
                 work.wait()
@@ -141,7 +161,6 @@ class FSDPState:
                 unit.swap(unit.shards)
                 unit.full = None
         self.forward_order.clear()
-        self.callback_queued = False
         if missing:
             raise RuntimeError(
                 f"fsdp: the backward of unit(s) {missing} never ran: every parameter must receive a gradient "
@@ -287,7 +306,7 @@ class FSDPUnit:
             state.forward_order.append(self)
             self.backward_done = False
         full = GatherParams.apply(self, *self.shards)
-        self.full = [full] if isinstance(full, torch.Tensor) else list(full)
+        self.full = [_own_node(t) for t in ([full] if isinstance(full, torch.Tensor) else full)]
         self.swap(self.full)
         index = state.units.index(self)
         if index + 1 < len(state.units):  # prefetch the next unit while this one computes
@@ -316,9 +335,7 @@ class FSDPUnit:
 
     def pre_backward(self, grad: torch.Tensor) -> None:
         state = self.state
-        if not state.callback_queued:
-            state.callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(state.finish_backward)
+        state.queue_finish()
         if self.full is None:
             self.regather()
         order = state.forward_order
@@ -354,6 +371,16 @@ class FSDPUnit:
         return self.full[i].as_strided(size, stride, offset)
 
 
+def _own_node(t: torch.Tensor) -> torch.Tensor:
+    """t as a view with an autograd node of its own (attributes kept, e.g. float8's
+    gathered weight): each parameter's gradient then passes a node of its own before
+    GatherParams, where a zero-bubble pipeline's W asks autograd for it alone (autograd
+    captures gradients per node; at GatherParams it would run every parameter's path)."""
+    view = t.view_as(t)
+    view.__dict__.update(t.__dict__)
+    return view
+
+
 class GatherParams(torch.autograd.Function):
     """forward: all-gather the unit's shards into full parameters.
     backward: reduce-scatter the full parameters' gradients into the shards.
@@ -368,6 +395,8 @@ class GatherParams(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple[None, ...]:
         unit = ctx.unit
+        unit.state.reduced = True
+        unit.state.queue_finish()  # a pass from the weights alone (zero-bubble W) ran no pre-backward hook
         unit.reduce_grads(grads)
         unit.backward_done = True
         if unit.reshard_after_forward:  # free the re-gathered parameters now

@@ -119,13 +119,15 @@ def parallelize(cfg: config.Config, plan: config.Plan, groups: dict[str, dist.Pr
         skipped = float8.convert_to_float8(
             model, cfg.float8.recipe, fsdp_float8_all_gather=cfg.float8.fsdp_float8_all_gather,
             local_shape=functools.partial(tensor_parallel.local_shape, t=tp) if tp > 1 else None)
-    # Pipeline: this rank keeps its stages (layers r, r + pp, ... of the split, with the
-    # embeddings on stage 0 and norm + output on the last); the techniques below apply to
+    # Pipeline: this rank keeps its stages, placed as the schedule places them
+    # (pipeline.stage_rank: r, r + pp, ... looped; r and 2 pp - 1 - r in zbv's V), with the
+    # embeddings on stage 0 and norm + output on the last; the techniques below apply to
     # each stage, which is a Transformer with the model's parameter names.
     pp, v = degrees["pp"], cfg.parallel.pp_stages_per_rank
     stages = {0: model}
     if pp > 1:
-        stages = pipeline.build_stages(model, coords["pp"], pp, v, cfg.parallel.pp_split_points)
+        stages = pipeline.build_stages(model, coords["pp"], pp, v, cfg.parallel.pp_split_points,
+                                       cfg.parallel.pp_schedule)
     fsdp_states = {}
     for s, stage in stages.items():
         # Tensor parallel over tp: column / row-parallel projections, a vocabulary-parallel

@@ -1,8 +1,8 @@
 """Pipeline parallelism: Llama split into stages by layers, schedules as data (GPipe,
-1F1B, interleaved 1F1B, zero-bubble ZB-H1), one small runner over isend / irecv.
+1F1B, interleaved 1F1B, zero-bubble ZB-H1 and ZB-V), one small runner over isend / irecv.
 
     check_stage_args(n_layers, pp, v, None); check_schedule_args("1f1b", pp, m, v)  # config.validate too
-    stages = build_stages(model, pp_rank, pp, v)        # {stage: copy of the model on meta}
+    stages = build_stages(model, pp_rank, pp, v, schedule="1f1b")  # {stage: copy of the model on meta}
     actions = build_schedule("1f1b", pp, m, v)          # per rank, with comm
     print(format_schedule(actions))                     # the table
     runner = PipelineRunner(actions[pp_rank], stages, pp * v, pp_group, loss_fn, act_shape, ...)
@@ -16,9 +16,12 @@ hidden state through a missing one and take the RoPE positions as an argument (l
 does). build_stages checks the container first: no `layers`, other keys, or other top-level
 modules or parameters are a ValueError naming them. Each stage is a copy of the model with the
 other layers deleted, so parameter names are the model's own ("layers.17.attention.wq.weight")
-on every layout: init and checkpoints do not depend on the split. Placement is looped: stage s
-lives on rank s % pp (rank r holds stages r, r + pp, ...), so with v > 1 a rank's stages are not
-adjacent (Megatron's interleaving).
+on every layout: init and checkpoints do not depend on the split. Placement belongs to the
+schedule, and `stage_rank(stage, pp, schedule)` is the one place that says it. Looped (every
+schedule but zbv): stage s lives on rank s % pp (rank r holds stages r, r + pp, ...), so with
+v > 1 a rank's stages are not adjacent (Megatron's interleaving). V (zbv, v = 2): rank r holds
+stages r and 2p-1-r, so rank 0 holds the first and the last stage, and stages p-1 and p share
+rank p-1: that hand-off stays on the rank (no send; the runner passes the tensor over).
 
 Schedules are data. A schedule is a function returning, for every rank, the ordered list of its
 compute actions: F (forward of stage s, micro-batch i), B (backward), and for zero-bubble I
@@ -43,6 +46,9 @@ micro-batch i; F forward, B backward, I / W backward for input / weights):
     [zero_bubble]
     rank 0 | 0F0 0F1 0I0 0F2 0I1 0F3 0I2 0W0 0I3 0W1 0W2 0W3
     rank 1 | 1F0 1I0 1F1 1I1 1F2 1I2 1F3 1I3 1W0 1W1 1W2 1W3
+    [zbv] (v = 2 in a V: rank 0 holds stages 0 and 3, rank 1 stages 1 and 2)
+    rank 0 | 0F0 0F1 0F2 3F0 3I0 3W0 3F1 3I1 3W1 0F3 0I0 0W0 3F2 3I2 3W2 0I1 0W1 3F3 3I3 3W3 0I2 0W2 0I3 0W3
+    rank 1 | 1F0 2F0 1F1 2F1 2I0 2W0 1F2 1I0 1W0 2F2 2I1 2W1 1F3 1I1 1W1 2F3 2I2 2W2 1I2 2I3 1I3 1W2 2W3 1W3
 
 The runner executes the list in order: RECV posts an irecv (non-blocking); a run of consecutive
 SEND/RECV actions goes out as one batch_isend_irecv; a compute action waits only for its own input.
@@ -64,22 +70,65 @@ p ranks, v stages per rank, A = activations of one micro-batch on one rank's lay
                       idle (greedily, in a unit-time replay; the rest at the end). Bubble
                       (p-1)(t_F + t_I - t_W): (p-1) units with t_F = t_I = t_W = 1, a
                       third of 1F1B's 3(p-1). Stage activations: at most p - r micro-
-                      batches (1F1B's order of F and I); the deferred W's keep each
-                      linear's input and output gradient until they run, up to m micro-
+                      batches (1F1B's order of F and I); the deferred W's keep what the
+                      weight nodes saved (the linears' and norms' inputs) and the
+                      gradients arriving at them until they run, up to m micro-
                       batches' worth on rank 0 (the paper places W's by hand to bound
                       this; ours trades that memory for a schedule derived mechanically).
+    zbv               ZB-V (Qi et al. 2023, section 6; torch's ScheduleZBVZeroBubble, its
+                      order): v = 2 stages per rank in a V, B split into I and W as above;
+                      warm-up forwards down the V, then the up stage's F I W, a steady
+                      state alternating both stages' F I W, a cool-down of I's, then the
+                      W's left. With t_F = t_I = t_W = t for one stage (half a rank's
+                      layers): bubble max(p-1, 2(2p-1-m)) t, i.e. (p-1) t once m >= 2p-1
+                      (rank r waits r t for the first micro-batch and ends p-1-r t early),
+                      fraction (p-1)/(6m + p-1): half of zero_bubble's (p-1)/(3m + p-1),
+                      a third of interleaved's (p-1)/(2m + p-1); at m = p it equals
+                      zero_bubble's. The order is fixed, tuned for equal times only. Built
+                      for max(m, 2p-1) micro-batches, those >= m dropped (torch does this;
+                      TorchTitan only warns when m < 2p), so any m >= 1 runs. In flight:
+                      2p stage-micro-batches (p A) on every rank once m >= 2p-1, 1F1B's
+                      rank 0; W mostly follows its I, so the W's hold little more.
 `simulate` replays a table with unit costs (F = 1, B = 2, I = W = 1, no communication) and reports
 makespan, idle slots and peak in-flight micro-batches per rank; the tests check them against these.
 `python pipeline.py draw 1f1b --pp 4 --microbatches 8 --out 1f1b.png` draws its timeline (matplotlib).
 
-Zero-bubble mechanics. F registers, for every nn.Linear of the stage, the layer input x and a hook
-on its output that captures the output gradient dy. I runs torch.autograd.grad from the stage
-output to the stage input and to the stage's non-linear parameters (norms, embedding) only:
-autograd then skips every linear's weight-gradient GEMM. W computes dW = dy^T x for the captured
-pairs and adds it to the weights' .grad. With (sync) TP the hooks see each linear's local input and
-output shard: TP's collectives sit outside the linears, in the model's replaceable attributes. (Not
-combined with FSDP, async TP, float8 or activation checkpointing: there the weight gradient is
-produced inside other machinery.)
+Zero-bubble mechanics (zero_bubble and zbv): the stage's autograd graph is split, not its
+layers, so whatever computes a weight gradient inside autograd splits too (FSDP, TP, CP, float8).
+  I   torch.autograd.grad(stage output, x), graph kept: x is the stage input, on stage 0 the
+      embedding's output (the tokens have no gradient; a hook on tok_embeddings records it).
+      Autograd runs the nodes on the paths from the output to x, the activation path; a
+      "weight node" on it also reads a tensor off it (a weight, or what was made of one: a
+      cast, FSDP's gathered parameter), and of such a node autograd runs the input part only
+      (the matmul node computes dX = dY W, not dW = dY^T X). A walk of the graph finds the
+      weight nodes; a pre-hook keeps the gradient arriving at each. What only the activation
+      path saved in F (attention's q, k, v, the norms' statistics, ...) is released after I
+      (saved-tensor hooks hold it); what the weight nodes saved (the linears' and norms'
+      inputs) stays for W.
+  W   per weight node, its weight part alone: autograd.grad from the node, with the kept
+      gradient, to its inputs off the path (for a matmul node: the dW GEMM). Then one
+      backward from all of those gradients (and, on stage 0, the embedding output's) through
+      what lies between them and the leaves: casts, transposes, the embedding lookup, FSDP's
+      GatherParams, whose backward reduce-scatters. Autograd captures gradients per node, so
+      each weight needs a node of its own there (fsdp.py hands each gathered parameter over
+      as a view); a stage where two weight nodes reach a common node (a tied weight) runs
+      full backwards instead, said once in the log.
+  Custom autograd.Functions compute only what ctx.needs_input_grad asks for (float8's
+  Float8Matmul, async TP's rings: standard practice); the runner narrows it per pass (I: the
+  activation inputs; W: the weights), so their dW GEMMs run in W with the numbers of the
+  unsplit backward (float8: its own float8 GEMM; async TP: block by block, the row-parallel
+  ring gathering dY's blocks once more). One that computes its weight gradient anyway is
+  seen doing it in I (a hook on its node): W passes that gradient on, said once in the log.
+  Activation checkpointing: a stage with a checkpointed block (a module with a checkpoint_fn)
+  runs I as a full backward and W as nothing, said once in the log. Its weight nodes read
+  the checkpoint's recomputed activations, and torch's checkpoint hands a saved tensor to one
+  backward pass only: splitting would recompute the block a second time in W, or keep the
+  recomputed activations from I until W, the memory checkpointing is there to save.
+  torch.compile: a compiled block's backward is one node that computes input and weight
+  gradients together and frees its buffers after one pass; a stage with a compiled module
+  runs I as a full backward and W as nothing, said once in the log.
+  FSDP: grad_sync marks the stage's last W (an I reaches no weight: GatherParams does not run
+  in I), so the reduce-scatter still comes once per step, after every W of the stage.
 
 Loss and gradient scale. Each micro-batch loss is sum(token losses) / tokens in the GLOBAL batch
 (the trainer's loss_fn), and gradients SUM over micro-batches, so a step over m micro-batches
@@ -88,10 +137,11 @@ trainer all-reduces it over pp so every rank logs it.
 
 P2P volume per step: each of the m micro-batches crosses v p - 1 stage boundaries forward
 (B_mb x S x D activations, / tp with sequence parallel) and the same backward: 2 m (v p - 1)
-B_mb S D bytes-per-element in total, 2 m v B_mb S D per rank at most.
+B_mb S D bytes-per-element in total, 2 m v B_mb S D per rank at most. zbv's V keeps the
+boundary between stages p-1 and p on rank p-1: 2 m (2p - 2) in total.
 
 With FSDP each stage is its own FSDP model; `grad_sync(stage, last)` is called before each backward
-so gradients are reduce-scattered once per step, on the stage's last backward. With TP each stage
+action so gradients are reduce-scattered once per step, on the stage's last B (or W). With TP each stage
 is tensor-parallel; the activations sent are the TP rank's sequence shard, to the same TP rank of
 the next stage.
 """
@@ -100,7 +150,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Callable
@@ -108,6 +160,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import BackwardCFunction
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 COMPUTE = ("F", "B", "I", "W")
 
@@ -146,9 +200,16 @@ def split_layers(n_layers: int, n_stages: int, split_points: list[int] | None = 
     return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
 
 
-def stage_rank(stage: int, pp: int) -> int:
-    """Looped placement: stage s on rank s % pp."""
-    return stage % pp
+V_SHAPED = ("zbv",)  # schedules whose stages sit in a V; every other schedule loops
+
+
+def stage_rank(stage: int, pp: int, schedule: str) -> int:
+    """The rank holding `stage` under `schedule`: the one placement every user asks
+    (build_stages, add_communication, forward_only, the planner). Looped: stage s on
+    rank s % pp (rank r: r, r + pp, ...). V (zbv): chunk c = s // pp runs down the ranks
+    when c is even and back up when odd (rank r: r and 2 pp - 1 - r)."""
+    chunk, i = divmod(stage, pp)
+    return pp - 1 - i if schedule in V_SHAPED and chunk % 2 else i
 
 
 def build_stage(model: nn.Module, stage: int, n_stages: int, layers: list[int]) -> nn.Module:
@@ -180,14 +241,14 @@ def _check_model(model: nn.Module) -> None:
 
 
 def build_stages(model: nn.Module, pp_rank: int, pp: int, stages_per_rank: int = 1,
-                 split_points: list[int] | None = None) -> dict[int, nn.Module]:
-    """This rank's stages {stage index: module} of `model` (on meta), after checking the
-    model's layer container and the numbers."""
+                 split_points: list[int] | None = None, schedule: str = "1f1b") -> dict[int, nn.Module]:
+    """This rank's stages {stage index: module} of `model` (on meta), placed as `schedule`
+    places them (stage_rank), after checking the model's layer container and the numbers."""
     _check_model(model)
     check_stage_args(len(model.layers), pp, stages_per_rank, split_points)
     n = pp * stages_per_rank
     split = split_layers(len(model.layers), n, split_points)
-    return {s: build_stage(model, s, n, split[s]) for s in range(n) if stage_rank(s, pp) == pp_rank}
+    return {s: build_stage(model, s, n, split[s]) for s in range(n) if stage_rank(s, pp, schedule) == pp_rank}
 
 
 class Stages(nn.Module):
@@ -297,13 +358,57 @@ def zero_bubble(pp: int, m: int, v: int = 1) -> list[list[Action]]:
     return orders
 
 
-def forward_only(pp: int, m: int, v: int = 1) -> list[list[Action]]:
-    """Evaluation: every forward, stage by stage on each rank."""
-    return [[Action("F", c * pp + r, i) for c in range(v) for i in range(m)] for r in range(pp)]
+def zbv(pp: int, m: int, v: int = 2) -> list[list[Action]]:
+    """ZB-V (Qi et al. 2023, section 6), in the order of torch's ScheduleZBVZeroBubble.
+    Rank r runs its "down" stage r and its "up" stage 2p-1-r; B is split into I and W.
+    Per rank, counting micro-batches per (kind, stage):
+      warm-up   2(p-r)-1 down F; then r pairs (up F, down F)
+      fill      p-r times up F I W (the first gradients start back up the V)
+      steady    [down F while any is left] down I W, up F I W; until all up F are done
+      cool-down r pairs (down I, up I); p-r pairs (down I, down W); the r up W, the r down W
+    The table is built for n = max(m, 2p-1) micro-batches (the fewest that fill the V)
+    and the actions of micro-batches >= m are dropped, as torch does."""
+    n = max(m, 2 * pp - 1)
+    orders = []
+    for r in range(pp):
+        stage = {0: r, 1: 2 * pp - 1 - r}  # 0: down, 1: up
+        count = collections.Counter()  # (kind, 0 / 1) -> micro-batches issued
+        order: list[Action] = []
+
+        def run(*steps: str) -> None:  # e.g. run("F1", "I1", "W1")
+            for kind, c in steps:
+                order.append(Action(kind, stage[int(c)], count[kind, c]))
+                count[kind, c] += 1
+
+        for _ in range(2 * (pp - r) - 1):
+            run("F0")
+        for _ in range(r):
+            run("F1", "F0")
+        for _ in range(pp - r):
+            run("F1", "I1", "W1")
+        while count["F", "1"] < n:
+            if count["F", "0"] < n:
+                run("F0")
+            run("I0", "W0", "F1", "I1", "W1")
+        for _ in range(r):
+            run("I0", "I1")
+        for _ in range(pp - r):
+            run("I0", "W0")
+        run(*["W1"] * r, *["W0"] * r)
+        orders.append([a for a in order if a.mb < m])
+    return orders
+
+
+def forward_only(pp: int, m: int, v: int = 1, schedule: str = "1f1b") -> list[list[Action]]:
+    """Evaluation: every forward, stage by stage (in stage order) on each rank, the
+    stages placed as `schedule` places them."""
+    return [[Action("F", s, i) for s in range(pp * v) if stage_rank(s, pp, schedule) == r for i in range(m)]
+            for r in range(pp)]
 
 
 SCHEDULES: dict[str, Callable[[int, int, int], list[list[Action]]]] = {
     "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved_1f1b": interleaved_1f1b, "zero_bubble": zero_bubble,
+    "zbv": zbv,
 }
 
 
@@ -320,8 +425,12 @@ def check_schedule_args(name: str, pp: int, m: int, v: int) -> None:
         if m % pp:
             raise ValueError(f"parallel.pp_schedule=interleaved_1f1b needs the pipeline micro-batches "
                              f"(parallel.pp_microbatches={m}) to be a multiple of parallel.pp={pp}")
+    elif name in V_SHAPED:
+        if v != 2:
+            raise ValueError(f"parallel.pp_schedule={name} needs parallel.pp_stages_per_rank=2 (got {v}): rank r "
+                             f"holds stages r and 2 pp - 1 - r of the V")
     elif v != 1:
-        raise ValueError(f"parallel.pp_stages_per_rank={v}: only interleaved_1f1b runs several stages per rank "
+        raise ValueError(f"parallel.pp_stages_per_rank={v}: only interleaved_1f1b and zbv run several stages per rank "
                          f"(parallel.pp_schedule={name})")
     if name in ("1f1b", "interleaved_1f1b", "zero_bubble") and m < pp:
         raise ValueError(f"parallel.pp_schedule={name} needs at least parallel.pp={pp} micro-batches "
@@ -331,37 +440,45 @@ def check_schedule_args(name: str, pp: int, m: int, v: int) -> None:
 def build_schedule(name: str, pp: int, m: int, v: int = 1) -> list[list[Action]]:
     """Per rank: the schedule's compute actions with the communication inserted."""
     check_schedule_args(name, pp, m, v)
-    return add_communication(SCHEDULES[name](pp, m, v), pp, pp * v)
+    return add_communication(SCHEDULES[name](pp, m, v), pp, pp * v, name)
 
 
-def add_communication(orders: list[list[Action]], pp: int, n_stages: int) -> list[list[Action]]:
+def add_communication(orders: list[list[Action]], pp: int, n_stages: int,
+                      schedule: str = "1f1b") -> list[list[Action]]:
     """Insert SEND after each action whose result another rank needs, and RECVs in the
-    sender's order, each posted no later than just before its consumer."""
-    channels: dict[tuple[int, int, str], list[tuple[int, int]]] = collections.defaultdict(list)
-    for r, order in enumerate(orders):  # messages per (sender, receiver, kind), in send order
+    sender's order, each posted no later than just before its consumer. `schedule`:
+    whose placement the table uses (stage_rank); a hand-off within a rank sends nothing.
+    The order is kept per pair of ranks, activations and gradients mixed: in zbv's V (and
+    interleaved with p = 2) one pair carries both, and NCCL / gloo match a pair's messages
+    in issue order, so a gradient received where an activation was sent first would land
+    in the wrong buffer. A receive may thus be posted earlier than its consumer needs."""
+    def rank(stage: int) -> int:
+        return stage_rank(stage, pp, schedule)
+
+    channels: dict[tuple[int, int], list[tuple[str, int, int]]] = collections.defaultdict(list)
+    for r, order in enumerate(orders):  # messages per (sender, receiver), in send order
         for a in order:
             for kind, stage in _outputs(a, n_stages):
-                if stage_rank(stage, pp) != r:
-                    channels[(r, stage_rank(stage, pp), kind)].append((stage, a.mb))
+                if rank(stage) != r:
+                    channels[(r, rank(stage))].append((kind, stage, a.mb))
     out = []
     for r, order in enumerate(orders):
-        posted = collections.Counter()
+        posted = collections.Counter()  # sender -> messages from it already received
         actions = []
         for a in order:
             need = _input(a, n_stages)
-            if need is not None and stage_rank(_source(need, a), pp) != r:
+            if need is not None and rank(_source(need, a)) != r:
                 kind, stage = need
-                src = stage_rank(_source(need, a), pp)
-                queue = channels[(src, r, kind)]
-                k = queue.index((stage, a.mb))
-                while posted[(src, kind)] <= k:
-                    s, i = queue[posted[(src, kind)]]
-                    actions.append(Action(f"RECV_{kind}", s, i, src))
-                    posted[(src, kind)] += 1
+                src = rank(_source(need, a))
+                queue = channels[(src, r)]
+                k = queue.index((kind, stage, a.mb))
+                while posted[src] <= k:  # everything the sender sends before it, in its order
+                    actions.append(Action(f"RECV_{queue[posted[src]][0]}", *queue[posted[src]][1:], src))
+                    posted[src] += 1
             actions.append(a)
             for kind, stage in _outputs(a, n_stages):
-                if stage_rank(stage, pp) != r:
-                    actions.append(Action(f"SEND_{kind}", stage, a.mb, stage_rank(stage, pp)))
+                if rank(stage) != r:
+                    actions.append(Action(f"SEND_{kind}", stage, a.mb, rank(stage)))
         out.append(actions)
     return out
 
@@ -454,30 +571,54 @@ class PipelineRunner:
     stage module takes (tokens or hidden, positions) and returns hidden or logits.
     loss_fn(logits, labels) -> this micro-batch's share of the step loss.
     act_shape / act_dtype: the hidden state crossing stage boundaries (per TP rank).
-    grad_sync(stage, last): called before each backward of a stage (FSDP: reduce
-    gradients only on the stage's last backward of the step)."""
+    grad_sync(stage, last): called before each backward action of a stage (B, I, W);
+    last: this action completes the stage's weight gradients for the optimizer step
+    (its last B, or with a split backward its last W), so FSDP reduces them now.
+    log(msg): where the runner says, once each, what it runs unsplit (zero-bubble)."""
 
     def __init__(self, actions: list[Action], stages: dict[int, nn.Module], n_stages: int,
                  group: dist.ProcessGroup, loss_fn: Callable, act_shape: tuple[int, ...], act_dtype: torch.dtype,
-                 device: torch.device, grad_sync: Callable[[int, bool], None] | None = None):
+                 device: torch.device, grad_sync: Callable[[int, bool], None] | None = None,
+                 log: Callable[[str], None] = print):
         self.actions, self.stages, self.n_stages = actions, stages, n_stages
         self.group, self.loss_fn = group, loss_fn
         self.act_shape, self.act_dtype, self.device = act_shape, act_dtype, device
-        self.grad_sync = grad_sync
+        self.grad_sync, self.log, self.said = grad_sync, log, set()
         self.split_backward = any(a.kind == "I" for a in actions)
-        self.capture: list | None = None  # zero-bubble: (linear, x) pairs of the running F
-        if self.split_backward:
-            for stage in stages.values():
-                for module in stage.modules():
-                    if isinstance(module, nn.Linear):
-                        module.register_forward_hook(self._capture_linear)
+        # Zero-bubble: I stops at the stage input, on stage 0 at the embedding's output (the
+        # tokens have no gradient), recorded by a hook in F. A stage that cannot split runs
+        # I as a full backward and W as nothing (the module docstring says why).
+        self.embedded: torch.Tensor | None = None
+        self.full_backward: set[int] = set()
+        self.released: list | None = None  # during I: holders of saved tensors only the activation path read
+        self.in_weight_node = False  # during I: a weight node is running
+        unsplit = collections.defaultdict(list)  # why -> stages
+        for s, stage in stages.items() if self.split_backward else ():
+            modules = list(stage.modules())
+            if any(getattr(m, "checkpoint_fn", None) is not None for m in modules):
+                unsplit["they recompute activations in backward (activation checkpointing): input and weight "
+                        "gradients come from the one recompute; a split would keep the recomputed activations "
+                        "until W, or recompute twice"].append(s)
+            elif any(getattr(m, "_compiled_call_impl", None) is not None for m in modules):  # nn.Module.compile
+                unsplit["they run compiled modules (torch.compile), whose backward is one node that computes "
+                        "input and weight gradients together and frees its buffers: it cannot run in two "
+                        "passes"].append(s)
+            elif s == 0 and getattr(stage, "tok_embeddings", None) is None:
+                unsplit["it has no tok_embeddings to stop I at"].append(s)
+            elif s == 0:
+                stage.tok_embeddings.register_forward_hook(self._record_embedding)
+        for why, which in unsplit.items():
+            self.full_backward.update(which)
+            self._say(f"pipeline: zero-bubble runs stages {which} unsplit (I the full backward, W nothing): {why}")
 
-    def _capture_linear(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if self.capture is None or not torch.is_grad_enabled():
-            return
-        pair = [module, args[0].detach(), None]  # the output gradient arrives during I
-        out.register_hook(lambda g, pair=pair: pair.__setitem__(2, g))
-        self.capture.append(pair)
+    def _record_embedding(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            self.embedded = out
+
+    def _say(self, msg: str) -> None:
+        if msg not in self.said:
+            self.said.add(msg)
+            self.log(msg)
 
     def step(self, inputs: list[torch.Tensor], labels: list[torch.Tensor],
              positions: torch.Tensor | None = None, sync_grads: bool = True) -> torch.Tensor:
@@ -486,10 +627,17 @@ class PipelineRunner:
         optimizer (gradient accumulation), so grad_sync may reduce on each stage's last
         backward. Returns the sum of the micro-batch losses on the last stage's rank,
         zero elsewhere."""
-        x_in, out, losses, recv, pairs = {}, {}, {}, {}, {}
+        x_in, out, losses, recv, deferred = {}, {}, {}, {}, {}
         sends: list[dist.Work] = []
         batch: list[tuple[dist.P2POp, tuple | None]] = []  # consecutive SEND / RECV, posted together
-        last_backward = {a.stage: a.mb for a in self.actions if a.kind in ("B", "I")}
+
+        def completes(a: Action) -> bool:  # the actions that produce a stage's weight gradients
+            return a.kind == "B" or a.kind == ("I" if a.stage in self.full_backward else "W")
+
+        def reduces(a: Action) -> bool:  # the stage's last of them in the optimizer step
+            return sync_grads and completes(a) and a.mb == [b.mb for b in self.actions
+                                                            if b.stage == a.stage and completes(b)][-1]
+
         total = torch.zeros((), dtype=torch.float64, device=self.device)
 
         def flush() -> None:
@@ -528,10 +676,12 @@ class PipelineRunner:
                          else self._received("F", *key, recv))
                     x.requires_grad_(torch.is_grad_enabled())
                 x_in[key] = x
-                if self.split_backward:
-                    self.capture = pairs[key] = []
-                y = stage(x, positions)
-                self.capture = None
+                split = self.split_backward and a.stage not in self.full_backward and torch.is_grad_enabled()
+                holding = torch.autograd.graph.saved_tensors_hooks(_hold, self._unhold)  # I frees what W will not read
+                with holding if split else contextlib.nullcontext():
+                    y = stage(x, positions)
+                if self.embedded is not None:  # stage 0, zero-bubble: I stops at the embedding's output
+                    x_in[key], self.embedded = self.embedded, None
                 if a.stage == self.n_stages - 1:
                     loss = self.loss_fn(y, labels[a.mb])
                     total += loss.detach().double()
@@ -540,22 +690,26 @@ class PipelineRunner:
                 else:
                     out[key] = y
             elif a.kind in ("B", "I"):
-                if self.grad_sync is not None:
-                    self.grad_sync(a.stage, sync_grads and a.mb == last_backward[a.stage])
                 if a.stage == self.n_stages - 1:
                     outputs, grad = losses.pop(key), None
                 else:
                     outputs = out.pop(key)
                     nxt = (a.stage + 1, a.mb)
                     grad = x_in.pop(nxt).grad if self.local(a.stage + 1) else self._received("B", *key, recv)
-                if a.kind == "B":
+                # zero-bubble I: the graph's weight nodes (None: the stage cannot split, B from now on)
+                nodes = None if completes(a) else self._weight_nodes(a.stage, x_in[key], outputs)
+                if self.grad_sync is not None:
+                    self.grad_sync(a.stage, reduces(a))
+                if nodes is None:  # B, or I of a stage that does not split
                     torch.autograd.backward(outputs, grad)
                 else:
-                    self._backward_input(stage, x_in[key], outputs, grad)
+                    deferred[key] = self._backward_input(nodes, x_in[key], outputs, grad)
                 if a.stage == 0:
-                    x_in.pop(key)  # the tokens: no gradient to send
-            elif a.kind == "W":
-                self._backward_weight(pairs.pop(key))
+                    x_in.pop(key)  # the tokens (or their embedding): no gradient to send
+            elif a.kind == "W" and completes(a):
+                if self.grad_sync is not None:
+                    self.grad_sync(a.stage, reduces(a))
+                self._backward_weight(deferred.pop(key))
         flush()
         for work in sends:
             work.wait()
@@ -578,30 +732,163 @@ class PipelineRunner:
                                f"{(tuple(self.act_shape), self.act_dtype)}")
         return t.detach().contiguous()
 
-    def _backward_input(self, stage: nn.Module, x: torch.Tensor, outputs: torch.Tensor,
-                        grad: torch.Tensor | None) -> None:
-        """Zero-bubble I: gradients of the stage input and of the non-linear parameters
-        (norms, embedding); the linears' weight-gradient GEMMs are skipped by autograd
-        (their weights are not asked for) and done in W from the captured pairs."""
-        linear_weights = {id(m.weight) for m in stage.modules() if isinstance(m, nn.Linear)}
-        others = [p for p in stage.parameters() if id(p) not in linear_weights and p.requires_grad]
-        inputs = ([x] if x.requires_grad else []) + others
-        grads = torch.autograd.grad(outputs, inputs, grad, allow_unused=True)
-        if x.requires_grad:
-            x.grad, grads = grads[0], grads[1:]
-        for p, g in zip(others, grads):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad + g
+    def _weight_nodes(self, stage: int, x: torch.Tensor, outputs: torch.Tensor) -> list | None:
+        """Zero-bubble: the weight nodes of a micro-batch's graph, (node, its inputs off the
+        activation path): the nodes on the paths from the output to x (the stage input; on
+        stage 0 the embedding's output) that also read a tensor off those paths (a weight,
+        or what was made of one). None, and the stage runs full backwards from now on (said
+        once), if a node off the path is reached twice from them (a weight two ops read, a
+        node two weights share): autograd captures gradients per node, so W could not ask
+        for one weight node's part without running the other's path."""
+        x_node = get_gradient_edge(x).node  # a received input's AccumulateGrad; stage 0: the embedding's last op
+        on_path = _reaches(outputs.grad_fn, x_node)
+        nodes = []
+        for node, on in on_path.items():
+            if on and node is not x_node:
+                weight = [i for i, (n, _) in enumerate(node.next_functions) if n is not None and not on_path[n]]
+                if weight:
+                    nodes.append((node, weight))
+        arrivals, seen = collections.Counter(), set()  # edges into each node off the path
+        stack = [node.next_functions[i][0] for node, weight in nodes for i in weight]
+        stack += [n for n, _ in x_node.next_functions if n is not None]  # stage 0: the embedding's weight
+        while stack:
+            n = stack.pop()
+            arrivals[n] += 1
+            if n not in seen:
+                seen.add(n)
+                stack += [m for m, _ in n.next_functions if m is not None]
+        shared = sorted({type(node).__name__ for node, weight in nodes for i in weight
+                         if arrivals[node.next_functions[i][0]] > 1})
+        if shared:
+            self.full_backward.add(stage)
+            self._say(f"pipeline: stage {stage}: the weight gradient of {', '.join(shared)} flows into a node that "
+                      f"other gradients reach too (a shared or tied weight), which W cannot ask for alone: its I "
+                      f"runs the full backward (B)")
+            return None
+        return nodes
 
-    @torch.no_grad()
-    def _backward_weight(self, pairs: list) -> None:
-        """Zero-bubble W: dW = dy^T x for every linear the micro-batch went through."""
-        for module, x, dy in pairs:
-            if dy is None:
-                continue
-            dw = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)
-            w = module.weight
-            w.grad = dw.to(w.dtype) if w.grad is None else w.grad + dw.to(w.dtype)
+    def _backward_input(self, nodes: list, x: torch.Tensor, outputs: torch.Tensor, grad: torch.Tensor | None
+                        ) -> tuple[list, list]:
+        """Zero-bubble I: the gradient of x alone, graph kept. Autograd runs the nodes on the
+        activation path and, of a weight node, the input part only (a matmul node computes
+        dX = dY W and skips dW = dY^T X); a pre-hook keeps the gradients arriving at each
+        weight node. Returns W's work: (weight node, the gradients that arrived at it, its
+        inputs off the path, its ctx.needs_input_grad for W if it is a custom Function)
+        and (edge, gradient) pairs W only passes on."""
+        arriving, early, hooks, plans = {}, {}, [], []
+        for node, weight in nodes:
+            needs = _function_needs(node, weight) if isinstance(node, BackwardCFunction) else None
+            if needs is not None:  # a custom autograd.Function: ask its backward for the input part only
+                node.needs_input_grad = needs[0]
+            plans.append((node, weight, needs))
+            hooks.append(node.register_prehook(functools.partial(self._arrive, arriving, node)))
+            hooks.append(node.register_hook(functools.partial(self._leave, early, node, weight)))
+        self.released = []
+        try:
+            (dx,) = torch.autograd.grad(outputs, x, grad, retain_graph=True)
+            for holder in self.released:  # what only the activation path saved: W does not read it
+                holder[0] = None
+        finally:
+            self.released = None
+            for hook in hooks:
+                hook.remove()
+        done = []
+        if x.is_leaf:
+            x.grad = dx  # for SEND_B
+        else:  # stage 0: W runs the embedding's backward from here
+            done.append((get_gradient_edge(x), dx))
+        todo = []
+        for node, weight, needs in plans:
+            if early.get(node):  # its backward computed the weight gradient anyway: W passes it on
+                self._say(f"pipeline: {type(node).__name__} computes its weight gradient with its input gradient "
+                          f"(its backward does not follow ctx.needs_input_grad): zero-bubble runs those layers' "
+                          f"full backward in I")
+                done += [(GradientEdge(*node.next_functions[i]), g) for i, g in early[node]]
+            elif node in arriving:
+                todo.append((node, arriving[node], weight, needs and needs[1]))
+        return todo, done
+
+    def _arrive(self, store: dict, node, grads: tuple) -> None:
+        """Pre-hook of a weight node in I: keep the gradients arriving at it."""
+        store[node] = grads
+        self.in_weight_node = True
+
+    def _leave(self, store: dict, node, weight: list[int], grad_inputs: tuple, grad_outputs: tuple) -> None:
+        """Hook of a weight node in I, after it ran: the weight gradients it computed
+        anyway (a custom Function that does not follow ctx.needs_input_grad)."""
+        self.in_weight_node = False
+        got = [(i, grad_inputs[i]) for i in weight if grad_inputs[i] is not None]
+        if got:
+            store[node] = got
+
+    def _unhold(self, holder: list) -> torch.Tensor:
+        """Unpack hook of a split stage's forward. During I, a holder read by a node of the
+        activation path (not by a weight node) is emptied once I is done: W runs the weight
+        nodes and what lies below them, never that node again."""
+        if holder[0] is None:
+            raise RuntimeError("pipeline: a tensor saved in forward and released after zero-bubble's I is read again")
+        if self.released is not None and not self.in_weight_node:
+            self.released.append(holder)
+        return holder[0]
+
+    def _backward_weight(self, deferred: tuple[list, list]) -> None:
+        """Zero-bubble W: each weight node's weight part alone (autograd.grad from the
+        node, with the gradients that arrived at it in I, to its inputs off the path: a
+        matmul node computes dW = dY^T X and skips dX), then one backward from all of those
+        gradients through what lies between them and the leaves (casts, transposes, FSDP's
+        GatherParams, which reduces, stage 0's embedding), accumulating into .grad."""
+        todo, done = deferred
+        edges, grads = [e for e, _ in done], [g for _, g in done]
+        for node, arriving, weight, needs in todo:
+            if needs is not None:
+                node.needs_input_grad = needs  # a custom autograd.Function: its weight part only
+            roots = [(GradientEdge(node, k), g) for k, g in enumerate(arriving) if g is not None]
+            targets = [GradientEdge(*node.next_functions[i]) for i in weight]
+            got = torch.autograd.grad([e for e, _ in roots], targets, [g for _, g in roots], allow_unused=True)
+            edges += [e for e, g in zip(targets, got) if g is not None]
+            grads += [g for g in got if g is not None]
+        if edges:
+            torch.autograd.backward(edges, grads)
+
+
+def _reaches(top, target) -> dict:
+    """Every autograd node below `top` (top included) -> whether `target` is reachable
+    from it, i.e. whether it lies on a path from the stage output to the stage input
+    (the activation path). Iterative: a stage's graph is deeper than Python's recursion."""
+    memo = {target: True}
+    stack = [top]
+    while stack:
+        node = stack[-1]
+        if node in memo:
+            stack.pop()
+            continue
+        below = [n for n, _ in node.next_functions if n is not None and n not in memo]
+        if below:
+            stack += below
+            continue
+        memo[node] = any(memo[n] for n, _ in node.next_functions if n is not None)
+        stack.pop()
+    return memo
+
+
+def _function_needs(node, weight: list[int]) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
+    """A custom autograd.Function's node (its ctx): needs_input_grad for I (the inputs on
+    the activation path) and for W (the edges `weight`). needs_input_grad has an entry per
+    forward argument, next_functions one per tensor argument; in argument order the k-th
+    True of the first is the k-th edge of the second that is not None."""
+    args = [j for j, need in enumerate(node.needs_input_grad) if need]
+    edges = [i for i, (n, _) in enumerate(node.next_functions) if n is not None]
+    assert len(args) == len(edges), (type(node).__name__, node.needs_input_grad, node.next_functions)
+    for_i, for_w = list(node.needs_input_grad), list(node.needs_input_grad)
+    for j, i in zip(args, edges):
+        for_i[j], for_w[j] = i not in weight, i in weight
+    return tuple(for_i), tuple(for_w)
+
+
+def _hold(t: torch.Tensor) -> list:
+    """Pack hook of a split stage's forward: the saved tensor in a holder that zero-bubble's
+    I can empty."""
+    return [t]
 
 
 # ---------------------------------------------------------------------------------------

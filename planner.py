@@ -111,7 +111,7 @@ def memory(cfg: config.Config, plan: config.Plan, par: parallelize.Parallelized,
     n_stages = d["pp"] * cfg.parallel.pp_stages_per_rank
     split = pipeline.split_layers(plan.model_args.n_layers, n_stages, cfg.parallel.pp_split_points) \
         if d["pp"] > 1 else [list(range(plan.model_args.n_layers))]
-    mine = [s for s in range(len(split)) if pipeline.stage_rank(s, d["pp"]) == coords["pp"]]
+    mine = [s for s in range(len(split)) if pipeline.stage_rank(s, d["pp"], cfg.parallel.pp_schedule) == coords["pp"]]
     layers = {str(i) for s in mine for i in split[s]}
     first, last = 0 in mine, len(split) - 1 in mine
     formula = 0
@@ -229,10 +229,12 @@ def bubble(cfg: config.Config, plan: config.Plan, pp_rank: int) -> dict | None:
     m, v = p.pp_microbatches or pp, p.pp_stages_per_rank
     orders = pipeline.SCHEDULES[p.pp_schedule](pp, m, v)
     sim = pipeline.simulate(orders, pp * v)
+    v_idle = max(pp - 1, 2 * (2 * pp - 1 - m))  # zbv, in units of one stage's F (pipeline.py docstring)
     closed = {"gpipe": ("(p-1)/(m+p-1)", (pp - 1) / (m + pp - 1)),
               "1f1b": ("(p-1)/(m+p-1)", (pp - 1) / (m + pp - 1)),
               "interleaved_1f1b": ("(p-1)/(v m+p-1)", (pp - 1) / (v * m + pp - 1)),
-              "zero_bubble": ("ZB-H1: about (p-1)/3 of 1F1B's bubble, here simulated", None)}[p.pp_schedule]
+              "zero_bubble": ("ZB-H1: about (p-1)/3 of 1F1B's bubble, here simulated", None),
+              "zbv": ("b/(6m+b), b = max(p-1, 2(2p-1-m))", v_idle / (6 * m + v_idle))}[p.pp_schedule]
     return {"schedule": p.pp_schedule, "m": m, "v": v, "makespan": sim["makespan"],
             "idle": sim["idle"][pp_rank], "fraction": sim["idle"][pp_rank] / sim["makespan"],
             "formula": closed[0], "closed": closed[1], "in_flight": sim["peak_activations"][pp_rank], "pp": pp}

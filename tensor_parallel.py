@@ -40,8 +40,8 @@ Collectives, as autograd Functions (forward | backward), on the tp group:
     GatherSeq           all-gather along seq     | reduce-scatter  (SP: enter column region)
     ReduceScatterSeq    reduce-scatter along seq | all-gather      (SP: leave row region)
     GatherVocab         all-gather along vocab   | take own slice  (logits without loss parallel)
-    AllGatherMatmul     ring all-gather + matmul | ring matmul + reduce-scatter, dW  (async TP)
-    MatmulReduceScatter ring matmul + reduce-sc. | ring all-gather + matmul, dW      (async TP)
+    AllGatherMatmul     ring all-gather + matmul | ring matmul + reduce-scatter, dW  (async TP; plain
+    MatmulReduceScatter ring matmul + reduce-sc. | ring all-gather + matmul, dW       or float8 GEMMs)
 
 Sequence parallel (SP): between the TP regions (norms, residual adds) activations are split along
 the sequence, (B, s, D) per rank. f/g become an all-gather along the sequence before each colwise
@@ -64,21 +64,38 @@ Loss parallel (vocab_parallel_cross_entropy), per token, with z_r the rank's log
     dz_r = softmax slice - onehot_r(target)      times dloss; local, no communication
 instead of an all-gather of N V logits. Computed in float32 (float64 stays float64).
 
-Async TP (`async_tp`, needs SP). The all-gather feeding a colwise group is cut into t ring steps:
-at step k rank r multiplies the block it holds (rank (r - k) mod t's) by all the group's weights
-while that block travels on to r+1 and the next arrives from r-1 (isend/irecv). The reduce-scatter
-after a rowwise matmul is a travelling accumulator: at step k rank r computes its partial for
-block b = (r + 1 + k) mod t, adds the running sum received from r+1 and sends it on to r-1; at
-k = t-1, b = r and the sum is complete. Backward runs the same rings the other way (dW block by
-block meanwhile). Same bytes as the sync collectives; transfer k+1 overlaps matmul k. Sums run in
-another order: async and sync agree to rounding (~1e-15 relative in float64), not bit for bit.
-Float8 linears are not fused into the ring: async TP with float8 is refused.
+Async TP (`async_tp`, needs SP). The all-gather feeding a colwise group is cut into t ring steps
+(ring_all_gather): at step k rank r multiplies the block it holds (rank (r - k) mod t's) by all
+the group's weights while that block travels on to r+1 and the next arrives from r-1
+(isend/irecv). The reduce-scatter after a rowwise matmul is a travelling accumulator
+(ring_reduce_scatter): at step k rank r computes its partial for block b = (r + 1 + k) mod t,
+adds the running sum received from r+1 and sends it on to r-1; at k = t-1, b = r and the sum is
+complete. Backward runs the same rings the other way (dW block by block meanwhile). Transfer k+1
+overlaps matmul k. The rings are generic over a linear's block GEMMs (Matmuls; a Float8Linear
+brings its own, float8.Float8RingMatmuls), which PACK a shard once before its ring:
+    ring                  moves, t-1 blocks of B s tokens   plain   float8 tensorwise   rowwise
+    colwise forward AG    the input x, packed                D a     D (e4m3)            2 D + 4
+    rowwise backward AG   the output gradient dY, packed     D a     D (e5m2)            2 D + 4
+    colwise backward RS   partial sums of dX                 D a     D a                 D a
+    rowwise forward RS    partial sums of Y                  D a     D a                 D a
+bytes per token (a = bytes of the compute dtype). Float8 (float8.py has the details): the
+sync path's operands and scales, each shard quantized once; tensorwise scales from amaxes
+all-reduced over tp first (the same on every rank: none travels); rowwise, each token's row
+scaled over the features, its float32 scale, and its row scaled per feature over all tokens
+(for dW). Partial sums stay in the compute dtype, as the sync reduce-scatters. Each block's
+GEMMs are the sync path's rows; the order of sums differs (dW over t blocks, dX over the
+group's weights, t > 2 reductions): async and sync agree to rounding (~1e-15 relative in
+float64; float32 rounding with float8), not bit for bit. A colwise group that mixes float8
+and plain linears (one too small for float8 once split) runs one ring per kind.
 
 Communication per block per micro-batch, a = bytes per activation element, A = B S D:
     no SP: forward 2 all-reduces, backward 2 all-reduces of A a bytes each
            (a ring all-reduce sends 2 (t-1)/t A a bytes per rank);
     SP:    forward 2 all-gathers + 2 reduce-scatters, backward the same,
            each (t-1)/t A a bytes per rank: 8 (t-1)/t A a per block, equal to no SP.
+    async TP: the same bytes, as point-to-point sends; with float8 the four all-gather
+           rings (two forward, two backward) carry 1 byte per element (tensorwise) or
+           2 + 4/D (rowwise) instead of a; plus float8's amax all-reduces (float8.py).
     Embedding: one all-reduce (reduce-scatter under SP) of A a. Output: one all-gather of
     A a (SP) plus, without loss parallel, an all-gather of B S V a; with loss parallel 3
     floats per token. SP norm gradients: one all-reduce of the norm weights per step.
@@ -87,12 +104,14 @@ Activations inside the column -> row regions / t; with SP, the norm and residual
 
 Requirements (check_tp_args, naming the config keys): t divides H, Hkv, F, V and, with SP, the
 tokens of a sequence on one TP group (S, or S / cp under CP: SP cuts a CP rank's two chunks as
-one sequence, so a chunk need not divide by t). Async TP needs SP and no float8 linears.
+one sequence, so a chunk need not divide by t). Async TP needs SP; with float8, B S / t tokens
+per ring block divisible by 16 (the weight-gradient GEMM contracts a block's tokens).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -239,114 +258,195 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+class Matmuls:
+    """The three GEMMs of a linear y = x W^T, W (N, K), on blocks of tokens, as the rings
+    below call them; plain matmuls in the compute dtype. A float8 linear brings its own
+    (its `ring_matmuls(dtype)`: float8.Float8RingMatmuls), with the same methods:
+        weight(w) -> state      w prepared once per forward (cast; float8: quantized)
+        pack(x, grad, seq_sharded) -> (packed (B, n, c), shared)   an input x or output
+                                gradient (grad) prepared ONCE, before its ring: `packed` is
+                                what travels (or is kept) row for row, `shared` what every
+                                rank holds the same of (float8: scales made equal over tp);
+                                seq_sharded: x is this rank's sequence shard
+        out(xp, xs, w)          (B, n, N) rows of x W^T from packed rows of x
+        grad_x(gp, gs, w)       (B, n, K) rows of dY W from packed rows of dY
+        grad_w(gp, gs, xp, xs)  (N, K) dY^T x over those rows, in the accumulation dtype
+    `key` says which linears can share one ring (the same packing of the input)."""
+
+    key = "plain"
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def weight(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (w.to(self.dtype),)
+
+    def pack(self, x: torch.Tensor, grad: bool, seq_sharded: bool) -> tuple[torch.Tensor, tuple]:
+        return x.to(self.dtype), ()
+
+    def out(self, xp: torch.Tensor, xs: tuple, w: tuple) -> torch.Tensor:
+        return xp @ w[0].t()
+
+    def grad_x(self, gp: torch.Tensor, gs: tuple, w: tuple) -> torch.Tensor:
+        return gp @ w[0]
+
+    def grad_w(self, gp: torch.Tensor, gs: tuple, xp: torch.Tensor, xs: tuple) -> torch.Tensor:
+        return (gp.reshape(-1, gp.shape[-1]).t() @ xp.reshape(-1, xp.shape[-1])).to(_accumulate_dtype(self.dtype))
+
+
+def ring_matmuls(linear: nn.Module, dtype: torch.dtype):
+    """The linear's own block GEMMs (a Float8Linear's `ring_matmuls`), else plain ones."""
+    make = getattr(linear, "ring_matmuls", None)
+    return make(dtype) if make is not None else Matmuls(dtype)
+
+
+def ring_all_gather(shard: torch.Tensor, group: dist.ProcessGroup,
+                    on_block: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
+    """All-gather of sequence shards (B, s, c) as t ring steps: at step k this rank holds
+    rank j = (r - k) mod t's block and calls on_block(j, block) while passing the block on
+    to r+1 and receiving the next from r-1. Returns every rank's block, (t, B, s, c)."""
+    t, r = _size(group), _rank(group)
+    blocks = shard.new_empty((t, *shard.shape))
+    blocks[r] = shard
+    for step in range(t):
+        src = (r - step) % t
+        if step < t - 1:
+            works = _start_ring(blocks[src], blocks[(src - 1) % t], group, 1)
+        on_block(src, blocks[src])
+        if step < t - 1:
+            _wait(works)
+    return blocks
+
+
+def ring_reduce_scatter(partial: Callable[[int], torch.Tensor], group: dist.ProcessGroup,
+                        meanwhile: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Reduce-scatter along the sequence as a travelling accumulator: partial(b) is this
+    rank's partial sum for sequence block b. At step k rank r computes it for
+    b = (r + 1 + k) mod t, adds the running sum received from r+1 and sends it on to r-1,
+    then calls meanwhile(b) (work that overlaps the transfer). At k = t-1, b = r: returns
+    the complete sum for this rank's block."""
+    t, r = _size(group), _rank(group)
+    works, recv = None, None
+    for step in range(t):
+        b = (r + 1 + step) % t
+        part = partial(b)
+        if works is not None:  # the running sum of ranks r+1, r+2, ... for block b
+            _wait(works)
+            part = part + recv  # not in place: selective checkpointing may cache a matmul's output
+        if step < t - 1:  # pass it on to r-1; r+1's sum for the next block arrives
+            recv = torch.empty_like(part)
+            works = _start_ring(part, recv, group, -1)
+        if meanwhile is not None:
+            meanwhile(b)
+    return part
+
+
 class AllGatherMatmul(torch.autograd.Function):
     """Column-parallel group under async TP: Y_i = AG_seq(X) W_i^T for every weight W_i
-    that reads X (wq, wk, wv or w1, w3). x (B, s, D) -> Y_i (B, S, out_i / t).
+    that reads X (wq, wk, wv or w1, w3). x (B, s, D) -> Y_i (B, S, out_i / t). mm: the block
+    GEMMs of all W_i (ring_matmuls; None: plain, Matmuls).
 
-    forward   ring all-gather of the sequence blocks; block j is multiplied by every W_i
-              while it travels on. The gathered X is kept for dW (as the sync path keeps it).
-    backward  dX = RS_seq(sum_i dY_i W_i) as a travelling accumulator; dW_i = dY_i^T X,
-              computed block by block while the partial sums travel."""
+    forward   x packed once (mm.pack: plain, the compute dtype; float8, quantized), then a
+              ring all-gather of the packed blocks; block j is multiplied by every W_i
+              while it travels on. The gathered blocks are kept for dW (as the sync path
+              keeps the gathered X, or its float8 copy).
+    backward  each dY_i packed once; dX = RS_seq(sum_i dY_i W_i) as a travelling
+              accumulator (compute dtype); dW_i = dY_i^T X, block by block while the
+              partial sums travel."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, *weights: torch.Tensor):
-        t, r, dtype = _size(group), _rank(group), _compute_dtype(x)
-        B, s, D = x.shape
-        ws = [w.to(dtype) for w in weights]
-        blocks = x.new_empty((t, B, s, D), dtype=dtype)  # blocks[j]: rank j's sequence shard
-        blocks[r] = x
-        outs = [x.new_empty((B, t * s, w.shape[0]), dtype=dtype) for w in ws]
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, mm, *weights: torch.Tensor):
+        t, (B, s, _) = _size(group), x.shape
+        mm = mm if mm is not None else Matmuls(_compute_dtype(x))
         with torch.autocast(x.device.type, enabled=False):
-            for step in range(t):
-                src = (r - step) % t  # the block this rank holds at this step
-                if step < t - 1:  # pass it on to r+1 while multiplying it; r-1's arrives
-                    works = _start_ring(blocks[src], blocks[(src - 1) % t], group, 1)
+            packed, shared = mm.pack(x, grad=False, seq_sharded=True)  # (B, s, c), before the ring
+            ws = [mm.weight(w) for w in weights]
+            outs = [x.new_empty((B, t * s, w.shape[0]), dtype=mm.dtype) for w in weights]
+
+            def on_block(j: int, block: torch.Tensor) -> None:
                 for w, out in zip(ws, outs):
-                    out[:, src * s:(src + 1) * s] = blocks[src] @ w.t()
-                if step < t - 1:
-                    _wait(works)
-        ctx.group, ctx.dtype, ctx.x_dtype = group, dtype, x.dtype
-        ctx.w_dtypes = [w.dtype for w in weights]
-        ctx.save_for_backward(blocks, *ws)
+                    out[:, j * s:(j + 1) * s] = mm.out(block, shared, w)
+            blocks = ring_all_gather(packed, group, on_block)  # (t, B, s, c)
+        ctx.group, ctx.mm, ctx.x_dtype, ctx.w_dtypes = group, mm, x.dtype, [w.dtype for w in weights]
+        ctx.sizes = (len(shared), len(ws[0]))
+        ctx.save_for_backward(blocks, *shared, *[a for w in ws for a in w])
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys: torch.Tensor):
-        blocks, *ws = ctx.saved_tensors
-        group, dtype = ctx.group, ctx.dtype
-        t, r = _size(group), _rank(group)
-        _, B, s, D = blocks.shape
-        dys = [torch.zeros((B, t * s, w.shape[0]), dtype=dtype, device=blocks.device) if dy is None
-               else dy.to(dtype) for dy, w in zip(dys, ws)]
-        dws = [torch.zeros(w.shape, dtype=_accumulate_dtype(dtype), device=w.device) for w in ws]
-        works, recv = None, None
+        blocks, *rest = ctx.saved_tensors
+        n_shared, n_w = ctx.sizes
+        shared, flat = tuple(rest[:n_shared]), rest[n_shared:]
+        ws = [tuple(flat[i:i + n_w]) for i in range(0, len(flat), n_w)]
+        mm, s = ctx.mm, blocks.shape[2]
+        used = [i for i, dy in enumerate(dys) if dy is not None]  # an output without gradient: no dW
+        # Only what ctx.needs_input_grad asks for: a zero-bubble pipeline asks for dX in its I
+        # pass, for the dW_i in its W pass (pipeline.py); the dW_i alone need no communication.
+        want_x, want_w = ctx.needs_input_grad[0], [i for i in used if ctx.needs_input_grad[3 + i]]
         with torch.autocast(blocks.device.type, enabled=False):
-            for step in range(t):
-                b = (r + 1 + step) % t  # the sequence block this rank adds to now
-                dy_b = [dy[:, b * s:(b + 1) * s] for dy in dys]
-                part = sum(d @ w for d, w in zip(dy_b, ws))  # my partial dX for block b
-                if works is not None:  # the running sum of ranks r+1, r+2, ... for block b
-                    _wait(works)
-                    part += recv
-                if step < t - 1:  # pass it on to r-1; r+1's sum for the next block arrives
-                    recv = torch.empty_like(part)
-                    works = _start_ring(part, recv, group, -1)
-                for dw, d in zip(dws, dy_b):  # weight gradient of block b, overlapping the transfer
-                    dw += (d.reshape(-1, d.shape[-1]).t() @ blocks[b].reshape(-1, D)).to(dw.dtype)
-        dx = part.to(ctx.x_dtype)  # at the last step b == r: the complete sum for my block
-        return (dx, None, *[dw.to(wd) for dw, wd in zip(dws, ctx.w_dtypes)])
+            gs = {i: mm.pack(dys[i], grad=True, seq_sharded=False) for i in used}  # (B, S, c_i), once
+            dws = dict.fromkeys(want_w, 0)
+
+            def partial(b: int) -> torch.Tensor:  # my partial dX for sequence block b
+                return sum(mm.grad_x(gs[i][0][:, b * s:(b + 1) * s], gs[i][1], ws[i]) for i in used)
+
+            def weight_grads(b: int) -> None:  # block b's share of each dW, overlapping the transfer
+                for i in want_w:
+                    dws[i] += mm.grad_w(gs[i][0][:, b * s:(b + 1) * s], gs[i][1], blocks[b], shared)
+            dx = None
+            if want_x:
+                dx = ring_reduce_scatter(partial, ctx.group, weight_grads).to(ctx.x_dtype)  # my block, complete
+            else:
+                for b in range(blocks.shape[0]):
+                    weight_grads(b)
+        grads = [dws[i].to(wd) if i in dws else None for i, wd in enumerate(ctx.w_dtypes)]
+        return (dx, None, None, *grads)
 
 
 class MatmulReduceScatter(torch.autograd.Function):
     """Row-parallel linear under async TP: Y = RS_seq(X W^T). x (B, S, in/t) -> (B, s, D).
+    mm: the block GEMMs (ring_matmuls; None: plain, Matmuls).
 
-    forward   travelling accumulator: the partial product of one sequence block per step.
-    backward  ring all-gather of dY's blocks; block j gives dX[:, block j] = dY_j W and its
-              share of dW = dY^T X while the next block travels."""
+    forward   x packed once (kept for dW); travelling accumulator of the partial product
+              of one sequence block per step (compute dtype).
+    backward  dY packed once (float8: quantized), then a ring all-gather of the packed
+              blocks; block j gives dX[:, block j] = dY_j W and its share of dW = dY^T X
+              while the next block travels."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        t, r, dtype = _size(group), _rank(group), _compute_dtype(x)
-        _check_divisible(x, 1, t, "sequence parallel (data.seq_len)")
-        s = x.shape[1] // t
-        xd, wd = x.to(dtype), w.to(dtype)
-        works, recv = None, None
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, group: dist.ProcessGroup, mm=None) -> torch.Tensor:
+        _check_divisible(x, 1, _size(group), "sequence parallel (data.seq_len)")
+        s = x.shape[1] // _size(group)
+        mm = mm if mm is not None else Matmuls(_compute_dtype(x))
         with torch.autocast(x.device.type, enabled=False):
-            for step in range(t):
-                b = (r + 1 + step) % t
-                part = xd[:, b * s:(b + 1) * s] @ wd.t()  # (B, s, D) my partial for block b
-                if works is not None:
-                    _wait(works)
-                    part += recv
-                if step < t - 1:
-                    recv = torch.empty_like(part)
-                    works = _start_ring(part, recv, group, -1)
-        ctx.group, ctx.dtype, ctx.x_dtype, ctx.w_dtype = group, dtype, x.dtype, w.dtype
-        ctx.save_for_backward(xd, wd)
-        return part
+            xp, xs = mm.pack(x, grad=False, seq_sharded=False)  # (B, S, c): the whole sequence
+            ws = mm.weight(w)
+            y = ring_reduce_scatter(lambda b: mm.out(xp[:, b * s:(b + 1) * s], xs, ws), group)  # (B, s, D)
+        ctx.group, ctx.mm, ctx.x_dtype, ctx.w_dtype = group, mm, x.dtype, w.dtype
+        ctx.sizes = (len(xs), x.shape[-1])
+        ctx.save_for_backward(xp, *xs, *ws)
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xd, wd = ctx.saved_tensors
-        group, dtype = ctx.group, ctx.dtype
-        t, r = _size(group), _rank(group)
-        B, s, D = dy.shape
-        K = xd.shape[-1]
-        blocks = dy.new_empty((t, B, s, D), dtype=dtype)  # blocks[j]: dY of sequence block j
-        blocks[r] = dy
-        dx = xd.new_empty(xd.shape)
-        dw = torch.zeros(wd.shape, dtype=_accumulate_dtype(dtype), device=wd.device)
+        xp, *rest = ctx.saved_tensors
+        (n_shared, K), mm, s = ctx.sizes, ctx.mm, dy.shape[1]
+        xs, ws = tuple(rest[:n_shared]), tuple(rest[n_shared:])
+        B, S = xp.shape[:2]
+        want_x, want_w = ctx.needs_input_grad[:2]  # only what is asked for (a zero-bubble I or W)
+        dx = dy.new_empty((B, S, K), dtype=mm.dtype) if want_x else None
+        acc = {"dw": 0}
         with torch.autocast(dy.device.type, enabled=False):
-            for step in range(t):
-                src = (r - step) % t
-                if step < t - 1:
-                    works = _start_ring(blocks[src], blocks[(src - 1) % t], group, 1)
-                rows = slice(src * s, (src + 1) * s)
-                dx[:, rows] = blocks[src] @ wd
-                dw += (blocks[src].reshape(-1, D).t() @ xd[:, rows].reshape(-1, K)).to(dw.dtype)
-                if step < t - 1:
-                    _wait(works)
-        return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None
+            gp, gs = mm.pack(dy, grad=True, seq_sharded=True)  # (B, s, c), before the ring
+
+            def on_block(j: int, block: torch.Tensor) -> None:
+                rows = slice(j * s, (j + 1) * s)
+                if want_x:
+                    dx[:, rows] = mm.grad_x(block, gs, ws)
+                if want_w:
+                    acc["dw"] += mm.grad_w(block, gs, xp[:, rows], xs)
+            ring_all_gather(gp, ctx.group, on_block)
+        return (dx.to(ctx.x_dtype) if want_x else None), (acc["dw"].to(ctx.w_dtype) if want_w else None), None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,9 +455,17 @@ class MatmulReduceScatter(torch.autograd.Function):
 def column_parallel(x: torch.Tensor, linears: tuple[nn.Module, ...], *, group: dist.ProcessGroup,
                     sequence_parallel: bool, async_tp: bool) -> list[torch.Tensor]:
     """Column-parallel group reading one input: x is (B, s, D) under SP, else (B, S, D)
-    replicated. Returns the local output slices (B, S, out_i / t)."""
+    replicated. Returns the local output slices (B, S, out_i / t). Async TP runs one ring
+    per kind of linear in the group (all plain, or all float8 of one recipe: one ring)."""
     if async_tp:
-        return list(AllGatherMatmul.apply(x, group, *[linear.weight for linear in linears]))
+        mms = [ring_matmuls(linear, _compute_dtype(x)) for linear in linears]
+        outs = [None] * len(linears)
+        for key in dict.fromkeys(mm.key for mm in mms):
+            idx = [i for i, mm in enumerate(mms) if mm.key == key]
+            ys = AllGatherMatmul.apply(x, group, mms[idx[0]], *[linears[i].weight for i in idx])
+            for i, y in zip(idx, ys):
+                outs[i] = y
+        return outs
     x = GatherSeq.apply(x, group) if sequence_parallel else CopyToTP.apply(x, group)
     return [linear(x) for linear in linears]  # any linear: nn.Linear, Float8Linear
 
@@ -366,7 +474,7 @@ def row_parallel(x: torch.Tensor, linear: nn.Module, *, group: dist.ProcessGroup
                  sequence_parallel: bool, async_tp: bool) -> torch.Tensor:
     """Row-parallel linear: x (B, S, in/t) -> (B, s, D) under SP, else (B, S, D)."""
     if async_tp:
-        return MatmulReduceScatter.apply(x, linear.weight, group)
+        return MatmulReduceScatter.apply(x, linear.weight, group, ring_matmuls(linear, _compute_dtype(x)))
     y = linear(x)  # partial sum over this rank's input features
     return ReduceScatterSeq.apply(y, group) if sequence_parallel else ReduceFromTP.apply(y, group)
 
@@ -453,7 +561,7 @@ STYLES: dict[str, tuple] = {
 
 
 def check_tp_args(tp: int, n_heads: int, n_kv_heads: int, sizes: dict[str, int], seq_len: int | None,
-                  sequence_parallel: bool, async_tp: bool, float8: bool = False) -> None:
+                  sequence_parallel: bool, async_tp: bool) -> None:
     """Everything TP needs of the numbers, no collective. sizes: {what tp splits: size}, e.g.
     {"model.vocab_size": 128256}; n_heads, n_kv_heads: 0 without attention; seq_len: tokens of
     a sequence on one TP group (data.seq_len / parallel.cp), None: checked at run time."""
@@ -472,9 +580,6 @@ def check_tp_args(tp: int, n_heads: int, n_kv_heads: int, sizes: dict[str, int],
     if async_tp and not sequence_parallel:
         raise ValueError("parallel.async_tp=true needs parallel.sequence_parallel=true (async TP overlaps the "
                          "sequence all-gather / reduce-scatter, which exist only with sequence parallel)")
-    if async_tp and float8:
-        raise ValueError("parallel.async_tp=true with float8.enabled=true: the async TP ring runs plain matmuls, "
-                         "not a Float8Linear's; turn one of them off")
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -559,8 +664,7 @@ def apply_tp(model: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool
     found = _resolve(model, plan)
     sizes = {f"{name}.weight's {STYLES[style][1]} (dim {STYLES[style][0]})": m.weight.shape[STYLES[style][0]]
              for name, style, m in found if STYLES[style][0] is not None}
-    float8 = any(hasattr(m, "amax_group") for _, style, m in found if style in ("colwise", "rowwise"))
-    check_tp_args(_size(group), n_heads, n_kv_heads, sizes, seq_len, sequence_parallel, async_tp, float8)
+    check_tp_args(_size(group), n_heads, n_kv_heads, sizes, seq_len, sequence_parallel, async_tp)
     sp = dict(group=group, sequence_parallel=sequence_parallel)
     fns = {"colwise": functools.partial(column_parallel, async_tp=async_tp, **sp),
            "rowwise": functools.partial(row_parallel, async_tp=async_tp, **sp),

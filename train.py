@@ -346,8 +346,9 @@ def build_pipeline(cfg: config.Config, plan: config.Plan, par: Parallelized, gro
     schedule = pipeline.build_schedule(cfg.parallel.pp_schedule, pp, m, v)[coords["pp"]]
     runner = pipeline.PipelineRunner(
         schedule, loss_fn=functools.partial(loss_fn, global_tokens=plan.global_tokens, vocab_group=vocab_group),
-        grad_sync=functools.partial(sync_stage_grads, par.fsdp_states), **common)
-    forward_only = pipeline.add_communication(pipeline.forward_only(pp, m, v), pp, pp * v)[coords["pp"]]
+        grad_sync=functools.partial(sync_stage_grads, par.fsdp_states), log=log, **common)
+    name = cfg.parallel.pp_schedule  # its stage placement (zbv: a V) holds for evaluation too
+    forward_only = pipeline.add_communication(pipeline.forward_only(pp, m, v, name), pp, pp * v, name)[coords["pp"]]
     eval_runner = pipeline.PipelineRunner(
         forward_only, loss_fn=functools.partial(loss_fn, global_tokens=1, vocab_group=vocab_group), **common)
     layers = [len(x) for x in pipeline.split_layers(plan.model_args.n_layers, pp * v, cfg.parallel.pp_split_points)]
@@ -357,9 +358,10 @@ def build_pipeline(cfg: config.Config, plan: config.Plan, par: Parallelized, gro
 
 
 def sync_stage_grads(fsdp_states: dict[int, object], stage: int, sync: bool) -> None:
-    """The pipeline calls this before each backward of a stage: FSDP reduce-scatters a
-    stage's gradients, and reshards its units, only on its last backward of the
-    optimizer step (with parallel.fsdp_pp_gather_once the units were not resharded
+    """The pipeline calls this before each backward action of a stage: FSDP reduce-
+    scatters a stage's gradients, and reshards its units, only on the action that
+    completes them for the optimizer step (its last B, or with zero-bubble's split
+    backward its last W; with parallel.fsdp_pp_gather_once the units were not resharded
     after forward either: gathered once per step)."""
     if stage in fsdp_states:
         fsdp.set_gradient_sync(fsdp_states[stage], sync)

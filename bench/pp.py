@@ -1,6 +1,6 @@
 """PP: ours (pipeline.py) against torch.distributed.pipelining, schedule by schedule.
 
-    python bench/pp.py [--quick] [--ranks 2] [--micro 4 8] [--reps 6] [--dim 256] [--layers 7] ...
+    python bench/pp.py [--quick] [--ranks 2] [--micro 4 8] [--schedules zbv ...] [--reps 6] [--dim 256] ...
 
 The same stage modules (pipeline.build_stages: the same weights), the same batch,
 float32, gloo, 1 thread per rank. Both: loss per micro-batch = token CE sum / global
@@ -32,10 +32,12 @@ import train
 from bench import common
 
 # (label, our schedule, torch.distributed.pipelining schedule, stages per rank). torch's
-# interleaved zero bubble (ZB1P) with one stage per rank is ZB-H1, as ours.
+# interleaved zero bubble (ZB1P) with one stage per rank is ZB-H1, as ours. ZB-V places its
+# two stages per rank in a V (pipeline.stage_rank), as torch's ScheduleZBVZeroBubble does.
 SCHEDULES = (("GPipe", "gpipe", "ScheduleGPipe", 1), ("1F1B", "1f1b", "Schedule1F1B", 1),
              ("interleaved 1F1B (v=2)", "interleaved_1f1b", "ScheduleInterleaved1F1B", 2),
-             ("zero bubble (ZB-H1)", "zero_bubble", "ScheduleInterleavedZeroBubble", 1))
+             ("zero bubble (ZB-H1)", "zero_bubble", "ScheduleInterleavedZeroBubble", 1),
+             ("zero bubble V (ZB-V, v=2)", "zbv", "ScheduleZBVZeroBubble", 2))
 QUICK = dict(micro=[2], reps=2, warmup=0, profiled=1, dim=64, layers=4, seq=32)
 COMM = ("gloo", "c10d", "record_param_comms")  # profiler events that are communication, not work
 
@@ -71,7 +73,7 @@ def pair(full, rank: int, world: int, cfg: dict, ours_name: str, peer_name: str,
     """(ours, torch, parameters): step functions of both on the same stage modules."""
     from torch.distributed import pipelining
     n, device, B, S = world * v, torch.device("cpu"), cfg["batch"], cfg["seq"]
-    stages = pipeline.build_stages(full, rank, world, v)
+    stages = pipeline.build_stages(full, rank, world, v, None, ours_name)  # the schedule's placement
     tokens = torch.randint(0, full.args.vocab_size, (m * B, S + 1), generator=torch.Generator().manual_seed(1234))
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
@@ -103,7 +105,7 @@ def rank_main(rank: int, world: int, cfg: dict) -> dict:
     llama.init_weights(full, args, seed=0)
     out = {}
     for label, ours_name, peer_name, v in SCHEDULES:
-        for m in cfg["micro"] if cfg["layers"] >= world * v else []:
+        for m in cfg["micro"] if cfg["layers"] >= world * v and ours_name in cfg["schedules"] else []:
             ours, peer, params = pair(full, rank, world, cfg, ours_name, peer_name, v, m)
             impls = {"ours": ours, "torch": peer}
 
@@ -135,13 +137,16 @@ def formula(name: str, p: int, m: int, v: int) -> str:
     """The bubble of pipeline.py's docstring, and per rank the unit-cost replay of our
     table (pipeline.simulate: F 1, B 2, I = W = 1, free communication)."""
     closed = (p - 1) / (3 * m + p - 1) if name == "zero_bubble" else (p - 1) / (v * m + p - 1)
+    if name == "zbv":  # max(p-1, 2(2p-1-m)) units of one stage's F, of 6m + that
+        idle = max(p - 1, 2 * (2 * p - 1 - m))
+        closed = idle / (6 * m + idle)
     sim = pipeline.simulate(pipeline.build_schedule(name, p, m, v), p * v)
     return f"{100 * closed:.0f}% (sim " + " / ".join(f"{100 * i / sim['makespan']:.0f}%" for i in sim["idle"]) + ")"
 
 
 def compare(W: int, cli: argparse.Namespace) -> tuple[list[str], list[dict]]:
     cfg = dict(dim=cli.dim, layers=cli.layers, batch=cli.batch, seq=cli.seq, micro=cli.micro, reps=cli.reps,
-               warmup=cli.warmup, profiled=cli.profiled)
+               warmup=cli.warmup, profiled=cli.profiled, schedules=cli.schedules)
     res = common.run_on_ranks(rank_main, W, cfg, timeout=3600, pg_timeout_s=600)
     args = llama.model_args("debug", dim=cli.dim, n_layers=cli.layers)
     tol = common.parity_tol(torch.float32, args.ffn_dim, args.n_layers)
@@ -184,6 +189,8 @@ def compare(W: int, cli: argparse.Namespace) -> tuple[list[str], list[dict]]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2], help="pipeline ranks (4 oversubscribes 2 cores)")
+    parser.add_argument("--schedules", nargs="+", default=[s[1] for s in SCHEDULES], choices=[s[1] for s in SCHEDULES],
+                        help="which of ours to run against torch's (default all)")
     parser.add_argument("--micro", type=int, nargs="+", default=[4, 8], help="micro-batches per step (m)")
     parser.add_argument("--reps", type=int, default=6, help="timed interleaved steps per implementation")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps each after the checked one")

@@ -78,6 +78,15 @@ LAYOUTS = [
     ("float8-fsdp2-tp2-gather8", 4, ["float8.enabled=true", "float8.fsdp_float8_all_gather=true",
                                      "parallel.tp=2", "parallel.dp_shard=2", "training.micro_batch_size=4",
                                      "activation_checkpoint.mode=full"]),
+    # Async TP with float8: the rings move float8 (and per-token scales, rowwise); the amaxes.
+    ("tp2-async-float8-tensorwise-ac-op", 2, ["parallel.tp=2", "parallel.async_tp=true", "float8.enabled=true",
+                                              "activation_checkpoint.mode=selective",
+                                              "activation_checkpoint.selective_option=op"]),
+    ("tp2-async-float8-rowwise-ac-full", 2, ["parallel.tp=2", "parallel.async_tp=true", "float8.enabled=true",
+                                             "float8.recipe=rowwise", "activation_checkpoint.mode=full"]),
+    ("float8-fsdp2-tp2-async-gather8", 4, ["float8.enabled=true", "float8.fsdp_float8_all_gather=true",
+                                           "parallel.tp=2", "parallel.dp_shard=2", "parallel.async_tp=true",
+                                           "training.micro_batch_size=4"]),
 ]
 
 def _group_labels(argv: list[str], world: int, rank: int) -> dict[tuple, str]:
@@ -173,6 +182,12 @@ BF16_LAYOUTS = [
     ("bf16-cp2-tp2-ring", 4, ["parallel.cp=2", "parallel.tp=2"]),
     ("bf16-float8-fsdp2-tp2-gather8", 4, ["float8.enabled=true", "float8.fsdp_float8_all_gather=true",
                                           "parallel.tp=2", "parallel.dp_shard=2", "training.micro_batch_size=4"]),
+    ("bf16-float8-tp2-async-rowwise", 2, ["float8.enabled=true", "float8.recipe=rowwise", "parallel.tp=2",
+                                          "parallel.async_tp=true"]),
+    ("bf16-float8-fsdp2-tp2-async-gather8-ac-full", 4, ["float8.enabled=true", "float8.fsdp_float8_all_gather=true",
+                                                        "parallel.tp=2", "parallel.dp_shard=2",
+                                                        "parallel.async_tp=true", "training.micro_batch_size=4",
+                                                        "activation_checkpoint.mode=full"]),
 ]
 
 

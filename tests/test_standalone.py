@@ -531,7 +531,6 @@ def test_check_functions_refuse_bad_values():
         (tp(sizes={"model.vocab_size": 33}), ["parallel.tp=2 must divide model.vocab_size = 33"]),
         (tp(seq_len=9), ["= 9", "parallel.tp=2", "parallel.sequence_parallel=false"]),
         (tp(sequence_parallel=False, async_tp=True), ["async_tp=true needs parallel.sequence_parallel=true"]),
-        (tp(async_tp=True, float8=True), ["async_tp=true with float8.enabled=true"]),
         (lambda: context_parallel.check_cp_args(cp=2, seq_len=6, rotate="ring"),
          ["data.seq_len=6", "2 x parallel.cp = 4"]),
         (lambda: context_parallel.check_cp_args(cp=1, seq_len=8, rotate="ulysses"),
@@ -557,7 +556,7 @@ def test_check_functions_refuse_bad_values():
     # What is fine passes, and a degree of 1 checks nothing that does not apply.
     tp()()
     tp(async_tp=True)()
-    tensor_parallel.check_tp_args(1, 3, 1, {"model.vocab_size": 33}, 9, True, True, True)
+    tensor_parallel.check_tp_args(1, 3, 1, {"model.vocab_size": 33}, 9, True, True)
     context_parallel.check_cp_args(1, 7, "ring")
     context_parallel.check_cp_args(2, 8, "allgather")
     float8.check_float8_args("rowwise", False)
