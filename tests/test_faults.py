@@ -352,7 +352,7 @@ def _assert_resumed_and_finished(run, killed: int | None, codes: list[int], out:
 
 
 def test_torchrun_on_one_node_restarts_a_killed_worker(tmp_path):
-    """The README's one-node recipe (c10d rendezvous on localhost, --max-restarts, the
+    """The one-node recipe of docs/operations.md (c10d rendezvous on localhost, --max-restarts, the
     variable): SIGKILL worker 1 once a checkpoint exists; torchrun restarts both workers,
     they resume from the newest checkpoint and finish, exit 0. Before, with the static
     rendezvous or without the variable: the restart failed or hung (see above)."""
