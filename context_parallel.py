@@ -48,10 +48,17 @@ again: dq accumulates locally; dK/dV accumulate in a float32 buffer that travels
 the K/V block, and after cp hops (one more than the K/V) it is back at its owner.
 Nothing is recomputed and no rank keeps another rank's K/V beyond the current block.
 
-Kernels: on CPU, aten's _scaled_dot_product_flash_attention_for_cpu returns the lse
-(natural log, float32 or float64) and has a backward that takes it; elsewhere a plain
-torch block (scores, logsumexp, softmax) computes the same. GQA: fewer K/V heads than
-query heads (query head j uses K/V head j // (H / Hkv)), handled by both.
+Kernels (block_kernel chooses, by device and dtype, in one place; KERNELS names them):
+on CPU aten's _scaled_dot_product_flash_attention_for_cpu; on CUDA FlashAttention-2
+(_scaled_dot_product_flash_attention, bf16 / fp16 on sm80+) or, where it does not apply
+(float32, older GPUs), the memory-efficient kernel (_scaled_dot_product_efficient_attention
+with compute_log_sumexp). Each returns the block's lse (natural log, float32) and has a
+backward op that takes the FINAL (out, lse), as PyTorch's experimental CP calls them:
+no block's score matrix is ever built. The plain torch block (scores, logsumexp, softmax)
+remains for float64, the exactness oracle, and devices without a wired kernel; the
+trainer logs which kernel runs. GQA: fewer K/V heads than query heads (query head j
+uses K/V head j // (H / Hkv)): native in the flash kernels; the memory-efficient kernel
+gets K/V expanded to every query head and sums their gradients back.
 
 All-gather alternative (`rotate="allgather"`): one all-gather of K and V along the
 sequence (backward: reduce-scatter of their gradients), then one attention call over
@@ -137,12 +144,65 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _block_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of q (B, H, Lq, hd) against k, v (B, Hkv, Lk, hd)."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale)
+# The block kernels: each returns the block's (out, lse) and has a backward that takes the
+# FINAL (out, lse). Chosen by block_kernel, in one place; only "math" builds a score matrix.
+KERNELS = {
+    "cpu_flash": "aten._scaled_dot_product_flash_attention_for_cpu (fused, any float dtype)",
+    "flash": "aten._scaled_dot_product_flash_attention (FlashAttention-2; bf16 / fp16, sm80+)",
+    "efficient": "aten._scaled_dot_product_efficient_attention with compute_log_sumexp (memory-efficient)",
+    "math": "the plain torch block (scores, logsumexp, softmax: O(Lq Lk) memory per block)",
+}
+
+
+def block_kernel(device, dtype: torch.dtype, head_dim: int, capability: tuple[int, int] | None = None
+                 ) -> tuple[str, str]:
+    """(kernel, why) for blocks of `dtype` on `device`: the CPU's fused kernel on CPU; on
+    CUDA FlashAttention-2 for bf16 / fp16 on sm80+ with head dims up to 256, else the
+    memory-efficient kernel (float32, older GPUs); the math block only for float64 (the
+    exactness oracle) and devices without a wired kernel. capability: CUDA's (major,
+    minor), read from the device when None. A head dim not divisible by 8 is padded with
+    zeros for the CUDA kernels (scores and outputs unchanged; the scale is explicit)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "cpu_flash", "the CPU's fused attention returns the log-sum-exp"
+    if device.type != "cuda":
+        return "math", f"no fused kernel with a log-sum-exp is wired for {device.type}"
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return "math", f"{dtype}: no fused CUDA kernel takes it (float64 is for exactness tests)"
+    major, minor = capability if capability is not None else torch.cuda.get_device_capability(device)
+    padded = -(-head_dim // 8) * 8
+    if dtype != torch.float32 and major >= 8 and padded <= 256:
+        return "flash", f"{dtype}, head dim {head_dim}, sm{major}{minor}"
+    why = ("float32" if dtype == torch.float32 else
+           f"sm{major}{minor} < sm80" if major < 8 else f"head dim {head_dim} > 256")
+    return "efficient", f"{why}: FlashAttention-2 does not take it"
+
+
+def _pad_head_dim(*ts: torch.Tensor) -> list[torch.Tensor]:
+    pad = -ts[0].shape[-1] % 8
+    return [F.pad(t, (0, pad)) if pad else t.contiguous() for t in ts]
+
+
+def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t.repeat_interleave(heads // t.shape[1], 1) if t.shape[1] != heads else t
+
+
+def block_forward(q, k, v, causal: bool, scale: float, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of q (B, H, Lq, hd) against k, v (B, Hkv, Lk, hd), lse (B, H, Lq) natural
+    log, float32 (float64 for float64 on CPU / math), contiguous."""
+    hd, Lq = q.shape[-1], q.shape[2]
+    if kernel == "cpu_flash":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out, lse.contiguous()
+    if kernel == "flash":  # GQA natively (FlashAttention-2 maps query head j to K/V head j // (H / Hkv))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            *_pad_head_dim(q, k, v), 0.0, causal, False, scale=scale)[:2]
+        return out[..., :hd], lse.contiguous()
+    if kernel == "efficient":  # K/V heads expanded: the kernel wants as many as q has
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            *_pad_head_dim(q, _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])), None, True, 0.0, causal,
+            scale=scale)[:2]
+        return out[..., :hd], lse[..., :Lq].contiguous()  # its lse rows are padded to a multiple of 32
     acc = _acc_dtype(q)
     rep = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -153,11 +213,31 @@ def _block_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, t
     return (torch.exp(scores - lse.unsqueeze(-1)) @ vv.to(acc)).to(q.dtype), lse
 
 
-def _block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+def _fold_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Sum the query heads' gradients of each K/V head (the backward of _expand_kv)."""
+    return t if t.shape[1] == kv_heads else t.unflatten(1, (kv_heads, t.shape[1] // kv_heads)).sum(2)
+
+
+def block_backward(dout, q, k, v, out, lse, causal: bool, scale: float, kernel: str):
     """(dq, dk, dv) of one block given the FINAL out and lse of its query rows."""
-    if q.device.type == "cpu":
+    hd, (Lq, Lk) = q.shape[-1], (q.shape[2], k.shape[2])
+    if kernel == "cpu_flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+    if kernel == "flash":  # no dropout: the RNG state arguments are not read
+        rng = (torch.empty(2, dtype=torch.uint64, device=q.device), torch.empty((), dtype=torch.uint64, device=q.device))
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            *_pad_head_dim(dout, q, k, v, out), lse.contiguous(), None, None, Lq, Lk, 0.0, causal, *rng, scale=scale)
+        return tuple(g[..., :hd] for g in grads)
+    if kernel == "efficient":
+        rows = -(-Lq // 32) * 32  # the lse the forward kernel wrote had rows padded to a multiple of 32
+        seed = torch.empty((), dtype=torch.int64, device=q.device)
+        kk, vv = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        dout_, q_, kk, vv, out_ = _pad_head_dim(dout, q, kk, vv, out)
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout_, q_, kk, vv, None, out_, F.pad(lse, (0, rows - Lq)).contiguous(), seed, seed, 0.0,
+            [True, True, True, False], causal, scale=scale)
+        return dq[..., :hd], _fold_heads(dk[..., :hd], k.shape[1]), _fold_heads(dv[..., :hd], k.shape[1])
     acc = _acc_dtype(q)
     rep = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(rep, 1).to(acc), v.repeat_interleave(rep, 1).to(acc)
@@ -169,8 +249,7 @@ def _block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     dv = p.transpose(-1, -2) @ do
     ds = p * (do @ vv.transpose(-1, -2) - (do * out.to(acc)).sum(-1, keepdim=True))
     dq, dk = (ds @ kk) * scale, (ds.transpose(-1, -2) @ q.to(acc)) * scale
-    fold = lambda t: t.unflatten(1, (k.shape[1], rep)).sum(2)  # sum the query heads of a KV head
-    return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+    return dq.to(q.dtype), _fold_heads(dk, k.shape[1]).to(k.dtype), _fold_heads(dv, k.shape[1]).to(v.dtype)
 
 
 def _merge(out, lse, out_b, lse_b):
@@ -204,7 +283,7 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group: dist.ProcessGroup):
         cp, r = dist.get_world_size(group), dist.get_rank(group)
         c, scale = q.shape[2] // 2, 1.0 / math.sqrt(q.shape[-1])
-        acc_dtype = _acc_dtype(q)
+        acc_dtype, kernel = _acc_dtype(q), block_kernel(q.device, q.dtype, q.shape[-1])[0]
         out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
         kv = torch.stack([k, v]).contiguous()  # (2, B, Hkv, 2c, hd): one message per step
@@ -213,8 +292,8 @@ class RingAttention(torch.autograd.Function):
                 nxt = torch.empty_like(kv)
                 works = _exchange(kv, nxt, group)
             qs, ks, causal = block_plan(step, r, cp)
-            out_b, lse_b = _block_forward(_rows(q, qs, c).contiguous(), _rows(kv[0], ks, c).contiguous(),
-                                          _rows(kv[1], ks, c).contiguous(), causal, scale)
+            out_b, lse_b = block_forward(_rows(q, qs, c).contiguous(), _rows(kv[0], ks, c).contiguous(),
+                                         _rows(kv[1], ks, c).contiguous(), causal, scale, kernel)
             _merge(_rows(out, qs, c), _rows(lse, qs, c), out_b, lse_b)
             if step < cp - 1:
                 for w in works:
@@ -231,7 +310,7 @@ class RingAttention(torch.autograd.Function):
         group, scale = ctx.group, ctx.scale
         cp, r = dist.get_world_size(group), dist.get_rank(group)
         c = q.shape[2] // 2
-        acc_dtype = _acc_dtype(q)
+        acc_dtype, kernel = _acc_dtype(q), block_kernel(q.device, q.dtype, q.shape[-1])[0]
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         kv = torch.stack([k, v]).contiguous()
         dkv = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)  # travels with kv
@@ -240,10 +319,10 @@ class RingAttention(torch.autograd.Function):
                 nxt = torch.empty_like(kv)
                 kv_works = _exchange(kv, nxt, group)
             qs, ks, causal = block_plan(step, r, cp)
-            dq_b, dk_b, dv_b = _block_backward(
+            dq_b, dk_b, dv_b = block_backward(
                 _rows(dout, qs, c), _rows(q, qs, c).contiguous(), _rows(kv[0], ks, c).contiguous(),
                 _rows(kv[1], ks, c).contiguous(), _rows(out, qs, c), _rows(lse, qs, c),
-                causal, scale)
+                causal, scale, kernel)
             _rows(dq, qs, c).add_(dq_b)
             _rows(dkv[0], ks, c).add_(dk_b)
             _rows(dkv[1], ks, c).add_(dv_b)

@@ -32,7 +32,10 @@ torch._scaled_mm's rules (CUDA, enforced here on every device so CPU-green code 
 on a GPU): the first operand row-major, the second column-major (we pass B.t() of a
 row-major (N, K)); K and N (and M for the weight-gradient GEMM) divisible by 16; scales
 are dequantization multipliers 1/scale: float32 scalars (tensorwise) or (M, 1) and
-(1, N) (rowwise); e5m2 x e5m2 is not allowed (go is paired with e4m3 operands).
+(1, N) (rowwise); e5m2 x e5m2 is not allowed (go is paired with e4m3 operands); the
+output dtype: float32, bf16 or fp16 tensorwise, bf16 or fp16 rowwise (SCALED_MM_OUT), so
+a float32 model's rowwise GEMMs run in bf16 and are cast to float32 (mm_out_dtype;
+train.py says so once). check_scaled_mm enforces all of it before every call.
 On CPU _scaled_mm runs (slowly) and equals dequantize-then-matmul bit for bit.
 
 Composition
@@ -125,16 +128,62 @@ def _col_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
+# The output dtypes torch._scaled_mm accepts on every CUDA GPU with float8 (sm89 and up), per
+# scaling (aten/src/ATen/native/cuda/ScaledBlas.cpp): rowwise runs CUTLASS's f8f8bf16 kernel,
+# which writes bf16 (fp16 too in recent torch); cuBLAS's rowwise float32 output exists only on
+# sm90 with cuBLAS >= 12.9, so it is not relied on. float64 output exists nowhere on CUDA.
+SCALED_MM_OUT = {"tensorwise": (torch.float32, torch.bfloat16, torch.float16),
+                 "rowwise": (torch.bfloat16, torch.float16)}
+
+
+def mm_out_dtype(scaling: str, dtype: torch.dtype) -> torch.dtype:
+    """What _scaled_mm is asked for when the caller wants `dtype`: dtype itself where the
+    rules allow it, else float32 (tensorwise, for float64), else bf16 (rowwise, for float32
+    or float64); the result is then cast to dtype."""
+    allowed = SCALED_MM_OUT[scaling]
+    return dtype if dtype in allowed else torch.float32 if torch.float32 in allowed else torch.bfloat16
+
+
+def check_scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
+                    out_dtype: torch.dtype) -> str:
+    """CUDA's rules for torch._scaled_mm, enforced on every device so that CPU-green code
+    runs on a GPU (CPU's _scaled_mm would accept all of these). Returns the scaling."""
+    (M, K), N = a.shape, b.shape[1]
+    where = f"float8 matmul ({M}, {K}) x ({K}, {N})"
+    if K % 16 or N % 16:
+        raise ValueError(f"{where}: K and N must be divisible by 16")
+    if a.stride(1) != 1 or b.stride(0) != 1:
+        raise ValueError(f"{where}: the first operand must be row-major and the second column-major "
+                         f"(strides {a.stride()}, {b.stride()})")
+    if a.dtype == b.dtype == E5M2:
+        raise ValueError(f"{where}: e5m2 x e5m2 is not supported; one operand must be e4m3")
+    if a_inv.numel() == b_inv.numel() == 1:
+        scaling = "tensorwise"
+    elif tuple(a_inv.shape) == (M, 1) and tuple(b_inv.shape) == (1, N) and a_inv.is_contiguous() \
+            and b_inv.is_contiguous():
+        scaling = "rowwise"
+    else:
+        raise ValueError(f"{where}: scales {tuple(a_inv.shape)} and {tuple(b_inv.shape)} are neither tensorwise "
+                         f"(one each) nor rowwise (({M}, 1) and (1, {N}), contiguous)")
+    if out_dtype not in SCALED_MM_OUT[scaling]:
+        raise ValueError(f"{where}: CUDA's _scaled_mm rejects {out_dtype} output with {scaling} scaling "
+                         f"(it allows {[str(d) for d in SCALED_MM_OUT[scaling]]}); ask mm_out_dtype")
+    return scaling
+
+
 def scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
               out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
-    """(a * a_inv) @ (b * b_inv) with a (M, K) row-major and b (K, N) column-major.
-    fast_accum: CUDA's lower-precision accumulation, used (as torchao does) for the
-    forward GEMM only; gradients accumulate in full precision. No effect on CPU."""
-    M, K = a.shape
-    N = b.shape[1]
-    if K % 16 or N % 16:
-        raise ValueError(f"float8 matmul ({M}, {K}) x ({K}, {N}): K and N must be divisible by 16")
-    return torch._scaled_mm(a.contiguous(), b, a_inv, b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    """(a * a_inv) @ (b * b_inv) in out_dtype, with a (M, K) row-major and b (K, N)
+    column-major. _scaled_mm computes in the nearest dtype its rules allow (mm_out_dtype:
+    rowwise float32 runs in bf16), then the result is cast. fast_accum: CUDA's lower-
+    precision accumulation, used (as torchao does) for the forward GEMM only; gradients
+    accumulate in full precision. No effect on CPU."""
+    a = a.contiguous()
+    scaling = "tensorwise" if a_inv.numel() == b_inv.numel() == 1 else "rowwise"
+    kernel_dtype = mm_out_dtype(scaling, out_dtype)
+    check_scaled_mm(a, a_inv, b, b_inv, kernel_dtype)
+    out = torch._scaled_mm(a, b, a_inv, b_inv, out_dtype=kernel_dtype, use_fast_accum=fast_accum)
+    return out if kernel_dtype == out_dtype else out.to(out_dtype)
 
 
 class Float8Matmul(torch.autograd.Function):

@@ -48,6 +48,7 @@ import checkpoint
 import config
 import context_parallel
 import data
+import float8
 import fsdp
 import llama
 import metrics
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         par = parallelize(cfg, plan, groups, coords)
         for name, reason in par.float8_skipped:
             log(f"float8: {name} stays in {t.dtype}: {reason}")
+        log_kernels(cfg, plan, device)
         # 7. Materialize and initialize: the same global weights for every layout.
         autocast = initialize(par, cfg, plan, device)
         # 8. Optimizer over the shards; under PP, the runners of this rank's schedules.
@@ -680,6 +682,19 @@ def evaluate(run: Run) -> float:
         totals[0] = all_reduce_sum(totals[0].clone(), run.groups["pp"])
     totals = all_reduce_sum(totals, run.groups["loss"])
     return (totals[0] / totals[1]).item()
+
+
+def log_kernels(cfg: config.Config, plan: config.Plan, device: torch.device) -> None:
+    """Say once which kernel runs where the device gives a choice: nothing falls back to a
+    slow path without a line in the log."""
+    dtype = config.DTYPES[cfg.training.dtype]
+    if plan.degrees["cp"] > 1 and cfg.parallel.cp_rotate == "ring":
+        kernel, why = context_parallel.block_kernel(device, dtype, plan.model_args.head_dim)
+        log(f"context parallel: ring attention blocks run {context_parallel.KERNELS[kernel]} ({why})")
+    if cfg.float8.enabled and float8.mm_out_dtype(cfg.float8.recipe, dtype) != dtype:
+        out = float8.mm_out_dtype(cfg.float8.recipe, dtype)
+        log(f"float8 {cfg.float8.recipe}: _scaled_mm computes in {out}, cast to {dtype} (CUDA's _scaled_mm "
+            f"writes no {dtype} with {cfg.float8.recipe} scales)")
 
 
 def log(msg: str) -> None:

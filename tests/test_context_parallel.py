@@ -217,22 +217,22 @@ def _attention_numerics(rank: int, cp: int) -> dict:
 
     # The kernels the ring really calls: record (query rows, key rows, causal) per call.
     calls = {"fwd": [], "bwd": []}
-    block_forward, block_backward = C._block_forward, C._block_backward
+    block_forward, block_backward = C.block_forward, C.block_backward
 
-    def fwd(q_, k_, v_, causal, scale):
+    def fwd(q_, k_, v_, causal, scale, kernel):
         calls["fwd"].append((q_.shape[2], k_.shape[2], causal))
-        return block_forward(q_, k_, v_, causal, scale)
+        return block_forward(q_, k_, v_, causal, scale, kernel)
 
-    def bwd(dout, q_, k_, v_, out, lse, causal, scale):
+    def bwd(dout, q_, k_, v_, out, lse, causal, scale, kernel):
         calls["bwd"].append((q_.shape[2], k_.shape[2], causal))
-        return block_backward(dout, q_, k_, v_, out, lse, causal, scale)
+        return block_backward(dout, q_, k_, v_, out, lse, causal, scale, kernel)
 
-    C._block_forward, C._block_backward = fwd, bwd
+    C.block_forward, C.block_backward = fwd, bwd
     try:
         q, k, v, do = _qkvo(13, 2, 2 * cp * 3, F64)
         _run_cp(_attention_fns(cp, 2 * cp * 3)["ring"], q, k, v, do, rank, cp)
     finally:
-        C._block_forward, C._block_backward = block_forward, block_backward
+        C.block_forward, C.block_backward = block_forward, block_backward
     results["calls"] = calls
     return results
 
@@ -461,16 +461,20 @@ def test_load_balance(cp, c):
 # 3. The pieces of one ring step (single process): block kernels and the merge
 
 
+@pytest.mark.parametrize("kernel", ["cpu_flash", "math"])
 @pytest.mark.parametrize("dtype", [F64, F32])
-def test_block_kernels_lse_and_split_backward(dtype):
-    """_block_forward's lse is the natural-log sum of exp(scores) of each query row (not
+def test_block_kernels_lse_and_split_backward(dtype, kernel):
+    """block_forward's lse is the natural-log sum of exp(scores) of each query row (not
     log2), its out the block's softmax; per-block backward with the FINAL (out, lse) of
-    a row split over two key blocks sums to the full attention's gradients."""
+    a row split over two key blocks sums to the full attention's gradients. For the CPU's
+    fused kernel and the math block (the CUDA kernels: test_cuda_block_kernels_on_meta)."""
     tol = TOL[dtype]
+    fwd = lambda *a: C.block_forward(*a, kernel)  # noqa: E731
+    bwd = lambda *a: C.block_backward(*a, kernel)  # noqa: E731
     q, k, v, do = _qkvo(21, 2, 12, dtype)
     scale = 1.0 / math.sqrt(HD)
     for causal in (True, False):
-        out, lse = C._block_forward(q, k, v, causal, scale)
+        out, lse = fwd(q, k, v, causal, scale)
         scores = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * scale
         if causal:
             scores = scores.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
@@ -480,22 +484,63 @@ def test_block_kernels_lse_and_split_backward(dtype):
     # Queries 8..11 against keys 0..7 (full) and 8..11 (causal): two blocks of one softmax.
     out_ref, dq_ref, dk_ref, dv_ref = _reference(q, k, v, do)
     qb, dob = q[:, :, 8:], do[:, :, 8:]
-    o1, l1 = C._block_forward(qb, k[:, :, :8].contiguous(), v[:, :, :8].contiguous(), False, scale)
-    o2, l2 = C._block_forward(qb, k[:, :, 8:].contiguous(), v[:, :, 8:].contiguous(), True, scale)
+    o1, l1 = fwd(qb, k[:, :, :8].contiguous(), v[:, :, :8].contiguous(), False, scale)
+    o2, l2 = fwd(qb, k[:, :, 8:].contiguous(), v[:, :, 8:].contiguous(), True, scale)
     acc = torch.zeros(qb.shape, dtype=F64 if dtype == F64 else F32)
     lse = torch.full(qb.shape[:3], float("-inf"), dtype=acc.dtype)
     C._merge(acc, lse, o1, l1)
     C._merge(acc, lse, o2, l2)
     assert _err(acc, out_ref[:, :, 8:]) <= tol
     out = acc.to(dtype)
-    g1 = C._block_backward(dob, qb, k[:, :, :8].contiguous(), v[:, :, :8].contiguous(), out, lse, False, scale)
-    g2 = C._block_backward(dob, qb, k[:, :, 8:].contiguous(), v[:, :, 8:].contiguous(), out, lse, True, scale)
+    g1 = bwd(dob, qb, k[:, :, :8].contiguous(), v[:, :, :8].contiguous(), out, lse, False, scale)
+    g2 = bwd(dob, qb, k[:, :, 8:].contiguous(), v[:, :, 8:].contiguous(), out, lse, True, scale)
     # Only queries 8..11 here: dk, dv of keys 0..11 from them alone.
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, enable_gqa=True)[:, :, 8:].backward(dob)
     assert _err(g1[0] + g2[0], qr.grad[:, :, 8:]) <= tol
     assert _err(torch.cat([g1[1], g2[1]], 2), kr.grad) <= tol
     assert _err(torch.cat([g1[2], g2[2]], 2), vr.grad) <= tol
+
+
+# (device, dtype, head dim, capability) -> kernel: on CUDA a fused kernel for every training
+# dtype (never a block's score matrix), the math block only for float64.
+KERNEL_CHOICES = [
+    ("cpu", torch.bfloat16, 128, None, "cpu_flash"), ("cpu", F32, 64, None, "cpu_flash"),
+    ("cpu", F64, 16, None, "cpu_flash"),
+    ("cuda", torch.bfloat16, 128, (9, 0), "flash"), ("cuda", torch.float16, 64, (8, 0), "flash"),
+    ("cuda", torch.bfloat16, 100, (9, 0), "flash"),  # padded to 104
+    ("cuda", torch.bfloat16, 128, (7, 5), "efficient"), ("cuda", torch.bfloat16, 512, (9, 0), "efficient"),
+    ("cuda", F32, 128, (9, 0), "efficient"), ("cuda", F32, 128, (8, 0), "efficient"),
+    ("cuda", F64, 128, (9, 0), "math"), ("mps", torch.bfloat16, 128, None, "math"),
+]
+
+
+@pytest.mark.parametrize("device, dtype, head_dim, capability, kernel", KERNEL_CHOICES)
+def test_the_block_kernel_is_chosen_by_device_and_dtype(device, dtype, head_dim, capability, kernel):
+    chosen, why = C.block_kernel(device, dtype, head_dim, capability)
+    assert chosen == kernel, (device, dtype, head_dim, capability, chosen, why)
+    assert chosen in C.KERNELS and why
+
+
+@pytest.mark.parametrize("kernel", ["flash", "efficient"])
+@pytest.mark.parametrize("head_dim", [64, 36])
+def test_cuda_block_kernels_on_meta(kernel, head_dim):
+    """The CUDA kernels' calls, run on the meta device (their shape functions; no GPU here):
+    the arguments are accepted, out / lse / gradients come back in the block's shapes and
+    dtypes (lse float32 and contiguous, the memory-efficient kernel's padded rows cut off;
+    GQA gradients folded back to the K/V heads; an odd head dim padded and cut back), for
+    the square causal block and a non-causal block of other length."""
+    dtype = torch.bfloat16 if kernel == "flash" else F32
+    B, H, Hkv = 2, 8, 2
+    for Lq, Lk, causal in ((40, 40, True), (40, 24, False)):
+        q = torch.empty(B, H, Lq, head_dim, device="meta", dtype=dtype)
+        k, v = (torch.empty(B, Hkv, Lk, head_dim, device="meta", dtype=dtype) for _ in range(2))
+        out, lse = C.block_forward(q, k, v, causal, head_dim ** -0.5, kernel)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert lse.shape == (B, H, Lq) and lse.dtype == F32 and lse.is_contiguous()
+        dq, dk, dv = C.block_backward(torch.empty_like(out), q, k, v, out, lse, causal, head_dim ** -0.5, kernel)
+        assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+        assert dq.dtype == dk.dtype == dv.dtype == dtype
 
 
 def test_merge_is_exact_and_overflow_safe():

@@ -32,6 +32,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 import torch.distributed as dist
 from torch import nn
 
@@ -70,14 +71,16 @@ def fake_quant(x: torch.Tensor, dtype: torch.dtype, dim: int | None = None, pow2
 
 
 def emulate(x: torch.Tensor, w: torch.Tensor, go: torch.Tensor, recipe: str):
-    """(out, grad_x, grad_w) of out = x @ w^T with every GEMM operand fake-quantized."""
+    """(out, grad_x, grad_w) of out = x @ w^T with every GEMM operand fake-quantized;
+    rowwise results rounded to bf16 (CUDA's rowwise _scaled_mm writes no float32:
+    float8.SCALED_MM_OUT)."""
     if recipe == "tensorwise":
         xq, wq, gq = fake_quant(x, E4M3), fake_quant(w, E4M3), fake_quant(go, E5M2)
         return xq @ wq.t(), gq @ wq, gq.t() @ xq
     out = fake_quant(x, E4M3, dim=1, pow2=True) @ fake_quant(w, E4M3, dim=1, pow2=True).t()  # over K
     grad_x = fake_quant(go, E4M3, dim=1, pow2=True) @ fake_quant(w, E4M3, dim=0, pow2=True)  # over N
     grad_w = fake_quant(go, E4M3, dim=0, pow2=True).t() @ fake_quant(x, E4M3, dim=0, pow2=True)  # over M
-    return out, grad_x, grad_w
+    return tuple(t.bfloat16().float() for t in (out, grad_x, grad_w))
 
 
 def _run_matmul(x, w, go, recipe):
@@ -358,12 +361,73 @@ def test_scaled_mm_operands_have_the_cuda_layout(monkeypatch, recipe):
     for c in calls:
         assert c["a_contig"] and c["b_col"], c
         assert c["a_shape"][1] % 16 == 0 and c["b_shape"][1] % 16 == 0, c
-        assert c["out_dtype"] == torch.float32
+        assert c["out_dtype"] == (torch.float32 if recipe == "tensorwise" else torch.bfloat16)  # CUDA's rules
         rows, cols = c["a_shape"][0], c["b_shape"][1]
         if recipe == "tensorwise":
             assert c["sa"] == ((), torch.float32, True) and c["sb"] == ((), torch.float32, True), c
         else:
             assert c["sa"] == ((rows, 1), torch.float32, True) and c["sb"] == ((1, cols), torch.float32, True), c
+
+
+def test_cuda_output_dtype_rules_are_enforced_on_cpu():
+    """check_scaled_mm refuses what CUDA's _scaled_mm rejects (CPU's would run it): float32
+    output with rowwise scales, float64 output, e5m2 x e5m2, a row-major second operand,
+    scales of no known shape; mm_out_dtype picks what is allowed."""
+    M, K, N = 32, 16, 16
+    a = torch.randn(M, K).to(E4M3)
+    b = torch.randn(N, K).to(E4M3).t()  # column-major (K, N)
+    one, rows, cols = torch.ones(()), torch.ones(M, 1), torch.ones(1, N)
+    assert float8.check_scaled_mm(a, one, b, one, torch.float32) == "tensorwise"
+    assert float8.check_scaled_mm(a, rows, b, cols, torch.bfloat16) == "rowwise"
+    bad = [((a, rows, b, cols, torch.float32), "rejects torch.float32 output with rowwise"),
+           ((a, one, b, one, torch.float64), "rejects torch.float64 output with tensorwise"),
+           ((a.view(E5M2), one, b.view(E5M2), one, torch.float32), "e5m2 x e5m2"),
+           ((a, one, b.contiguous(), one, torch.float32), "column-major"),
+           ((a, rows[:4], b, cols, torch.bfloat16), "neither tensorwise"),
+           ((a[:, :8], one, b[:8], one, torch.float32), "divisible by 16")]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            float8.check_scaled_mm(*args)
+    assert [float8.mm_out_dtype("tensorwise", d) for d in (torch.float32, torch.bfloat16, torch.float64)] == [
+        torch.float32, torch.bfloat16, torch.float32]
+    assert [float8.mm_out_dtype("rowwise", d) for d in (torch.float32, torch.bfloat16, torch.float64)] == [
+        torch.bfloat16, torch.bfloat16, torch.bfloat16]
+
+
+class _ScaledMMDtypes(TorchDispatchMode):
+    """The out_dtype of every aten._scaled_mm call made while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._scaled_mm.default:
+            self.seen.append((kwargs or {}).get("out_dtype", args[6] if len(args) > 6 else None))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_every_gemm_asks_for_an_output_cuda_allows(recipe, dtype):
+    """A Float8Linear's three GEMMs, and async TP's ring GEMMs, in every compute dtype: each
+    _scaled_mm call asks for an output dtype CUDA accepts for its scaling, and the result
+    comes back in the compute dtype."""
+    M, K, N = 32, 48, 64
+    lin = float8.Float8Linear(K, N, bias=False, dtype=dtype)
+    lin.recipe = recipe
+    x = torch.randn(M, K, dtype=dtype, requires_grad=True)
+    with _ScaledMMDtypes() as spy:
+        out = lin(x)
+        out.backward(torch.randn(M, N, dtype=dtype))
+        ring = lin.ring_matmuls(dtype)
+        xp, xs = ring.pack(x.detach().view(1, M, K), grad=False, seq_sharded=False)
+        gp, gs = ring.pack(torch.randn(1, M, N, dtype=dtype), grad=True, seq_sharded=False)
+        w = ring.weight(lin.weight.detach())
+        ring_out = [ring.out(xp, xs, w), ring.grad_x(gp, gs, w), ring.grad_w(gp, gs, xp, xs)]
+    assert len(spy.seen) == 6
+    assert all(d in float8.SCALED_MM_OUT[recipe] for d in spy.seen), spy.seen
+    assert out.dtype == x.grad.dtype == lin.weight.grad.dtype == ring_out[0].dtype == ring_out[1].dtype == dtype
 
 
 # ---------------------------------------------------------------------------------------
@@ -743,6 +807,9 @@ def _async_vs_sync_ops(rank: int, world: int, recipe: str) -> dict:
     import tensor_parallel as tp
 
     group, r, t = dist.group.WORLD, rank, world
+    # 2 gamma_n |A||B| for float32 sums in another order; rowwise GEMMs write bf16 (CUDA's rule,
+    # float8.SCALED_MM_OUT) block by block in async and once in sync: 2 u_bf16 |A||B| more.
+    bound = lambda n: 2 * _gamma(n) + (2 * 2.0 ** -8 if recipe == "rowwise" else 0.0)  # noqa: E731
     kinds = (recipe, recipe, None)
     x, ws, dys = _column_tensors(kinds)
     got = {}
@@ -761,10 +828,10 @@ def _async_vs_sync_ops(rank: int, world: int, recipe: str) -> dict:
         # forward: x rows over D, W rows over D (tensorwise: scales of the whole tensors)
         xq = _deq(x2, k, dim=1)
         wq = _deq(w, k, dim=1).chunk(t, 0)[r] if k == "tensorwise" else _deq(wl, k, dim=1)
-        bounds[f"y{i}"] = 2 * _gamma(TP_D) * (xq.abs() @ wq.abs().t())  # (M, N_i / t)
+        bounds[f"y{i}"] = bound(TP_D) * (xq.abs() @ wq.abs().t())  # (M, N_i / t)
         # dW_i = dY_i^T x over all M tokens: dY per column over M (local), x per feature over M
         gq = _deq(g2, k, grad=True).chunk(t, 1)[r] if k == "tensorwise" else _deq(gl, k, True, dim=0)
-        bounds[f"dw{i}"] = 2 * _gamma(M) * (gq.abs().t() @ _deq(x2, k, dim=0).abs())
+        bounds[f"dw{i}"] = bound(M) * (gq.abs().t() @ _deq(x2, k, dim=0).abs())
     # dX = sum over ranks q and linears i of dY_i^(q) W_i^(q): N_total products per element
     n_total = sum(w.shape[0] for w in ws)
     terms = 0
@@ -776,7 +843,7 @@ def _async_vs_sync_ops(rank: int, world: int, recipe: str) -> dict:
             else:  # rowwise: dY per token over the rank's columns, W per column over its rows
                 gq, wq = _deq(gq, k, True, dim=1), _deq(w.chunk(t, 0)[q], k, dim=0)
             terms = terms + gq.abs() @ wq.abs()
-    bounds["dx"] = 2 * _gamma(n_total) * terms.view(TP_B, TP_S, TP_D).chunk(t, 1)[r]
+    bounds["dx"] = bound(n_total) * terms.view(TP_B, TP_S, TP_D).chunk(t, 1)[r]
 
     # Row-parallel: x (B, S, K) split over features, W (D, K) over its columns.
     K = 64
@@ -800,10 +867,10 @@ def _async_vs_sync_ops(rank: int, world: int, recipe: str) -> dict:
     wg = _deq(wr.chunk(t, 1)[r], recipe, dim=0) if recipe == "rowwise" else wq[r]
     xg = _deq(x2.chunk(t, 1)[r], recipe, dim=0) if recipe == "rowwise" else xq[r]
     # y = the sum over both ranks' features (partial GEMMs, then one reduction): K products
-    bounds["row.y"] = 2 * _gamma(K) * sum(a.abs() @ b.abs().t() for a, b in zip(xq, wq)).view(
+    bounds["row.y"] = bound(K) * sum(a.abs() @ b.abs().t() for a, b in zip(xq, wq)).view(
         TP_B, TP_S, TP_D).chunk(t, 1)[r]
-    bounds["row.dx"] = 2 * _gamma(TP_D) * (gq.abs() @ wg.abs())
-    bounds["row.dw"] = 2 * _gamma(M) * (gt.abs().t() @ xg.abs())
+    bounds["row.dx"] = bound(TP_D) * (gq.abs() @ wg.abs())
+    bounds["row.dw"] = bound(M) * (gt.abs().t() @ xg.abs())
     out = {}
     for name, sync in got[False].items():
         diff = (got[True][name] - sync).abs()
