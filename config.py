@@ -14,6 +14,7 @@ a `check_*` function, which its `apply_*` calls too: each rule is written once.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -258,6 +259,12 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
             raise ValueError(f"{path}: expected a mapping of sections at the top level")
         for key, value in _flatten(tree).items():
             _set(cfg, key, value)
+    return with_overrides(cfg, overrides)
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of cfg with `key=value` overrides applied (values parsed as YAML)."""
+    cfg = copy.deepcopy(cfg)
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq:

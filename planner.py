@@ -69,6 +69,7 @@ import torch.distributed as dist
 import comm
 import config
 import float8
+import hardware
 import llama
 import metrics
 import parallelize
@@ -263,13 +264,18 @@ class Report:
     build_s: float
 
 
+def _planned_dtype(cfg: config.Config) -> config.Config:
+    if cfg.training.dtype != "auto":
+        return cfg
+    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, dtype="bfloat16"))
+
+
 def plan_rank(cfg: config.Config, world_size: int, rank: int = 0) -> Report:
     """Everything above for `rank` of a `world_size` layout, under a fake process group.
     training.dtype auto is planned as bfloat16: what it picks on a GPU, the machines a
     layout is planned for."""
     startup = comm.startup_comm(cfg, world_size)
-    if cfg.training.dtype == "auto":
-        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, dtype="bfloat16"))
+    cfg = _planned_dtype(cfg)
     plan = config.validate(cfg, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"--rank {rank} is not in [0, {world_size})")
@@ -374,6 +380,191 @@ def format_report(r: Report) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------------
+# 4. Step time
+
+
+# The collectives a technique runs beside compute (on a device with `overlap`), and the
+# compute that can hide them: FSDP's prefetched gathers and its reduce-scatters behind
+# the blocks (all but the first unit's gather), async TP's ring sends behind the block
+# matmuls, ring attention's K/V sends behind the attention blocks, the pipeline's P2P
+# behind the stage's compute. Everything else (sync TP, HSDP's all-reduce, all-gather
+# CP, the clip and loss all-reduces, float8 amaxes) is exposed.
+HIDDEN_BEHIND = {("dp_shard_cp", "all_gather"): "all", ("dp_shard_cp", "reduce_scatter"): "all",
+                 ("tp", "send"): "block matmuls", ("cp", "send"): "attention", ("pp", "send"): "all"}
+
+
+def compute_split(cfg: config.Config, plan: config.Plan) -> dict[str, float]:
+    """This rank's FLOPs per step by what runs them (model FLOPs spread evenly over the
+    ranks, as flops() does): the blocks' linears, attention, the output projection, and
+    checkpointing's recomputed forward of the blocks (their linears and attention)."""
+    args, world = plan.model_args, math.prod(plan.degrees.values())
+    tokens = plan.global_tokens / world
+    linear = 6 * (llama.num_params(args) - 2 * args.vocab_size * args.dim - args.dim) * tokens
+    attention = 12 * args.n_layers * args.n_heads * args.head_dim * cfg.data.seq_len * tokens
+    recompute = flops(cfg, plan)["recompute"]
+    share = recompute / (linear + attention) if linear + attention else 0.0
+    return {"block matmuls": linear * (1 + share), "attention": attention * (1 + share),
+            "output": 6 * args.vocab_size * args.dim * tokens}
+
+
+def _group_ranks(plan: config.Plan, group: str, rank: int) -> list[int]:
+    if group == "world":
+        return list(range(math.prod(plan.degrees.values())))
+    return next(g for g in parallelize.group_ranks(plan.degrees, parallelize.GROUPS[group]) if rank in g)
+
+
+def step_time(r: Report, hw) -> dict:
+    """Per step of rank r on hardware hw (hardware.Hardware): compute per part, each
+    collective's time and its exposed part, the pipeline bubble, the step, tokens/s per
+    device and MFU."""
+    cfg, plan = r.cfg, r.plan
+    world = math.prod(plan.degrees.values())
+    dtype = cfg.training.dtype
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"the step time is modelled for training.dtype bfloat16 or float32, not {dtype}")
+    parts = compute_split(cfg, plan)
+    linear_dtype = "float8" if cfg.float8.enabled else dtype
+    compute = {part: hw.compute_s(f, linear_dtype if part == "block matmuls" else dtype, world, dtype)
+               for part, f in parts.items()}
+    total_compute = sum(compute.values())
+
+    steps = collections.Counter(r.comm.calls)
+    nbytes = collections.Counter(r.comm.bytes)
+    for key in r.logged.calls:  # a logged step's loss all-reduce, once per run.log_every steps
+        steps[key] += r.logged.calls[key] / max(1, cfg.run.log_every)
+        nbytes[key] += r.logged.bytes[key] / max(1, cfg.run.log_every)
+    comm, exposed = {}, {}
+    for (group, kind), calls in steps.items():
+        ranks = _group_ranks(plan, group, r.rank)
+        intra = len({g // hw.ranks_per_node for g in ranks}) == 1
+        comm[group, kind] = hw.collective_s(kind, len(ranks), nbytes[group, kind], calls, world, intra)
+    fsdp = [k for k in comm if HIDDEN_BEHIND.get(k) == "all" and k[0] == "dp_shard_cp"]
+    for key, t in comm.items():
+        behind = HIDDEN_BEHIND.get(key) if hw.overlap else None
+        if behind is None:
+            exposed[key] = t
+        elif key in fsdp:  # shared below
+            continue
+        else:
+            exposed[key] = max(0.0, t - (total_compute if behind == "all" else compute[behind]))
+    if fsdp:
+        total = sum(comm[k] for k in fsdp)
+        gathers = r.comm.calls.get(("dp_shard_cp", "all_gather"), 0)
+        first = comm.get(("dp_shard_cp", "all_gather"), 0.0) / gathers if gathers else 0.0  # one unit's gather
+        hidden_share = max(first, total - total_compute) if hw.overlap else total
+        for k in fsdp:
+            exposed[k] = hidden_share * comm[k] / total if total else 0.0
+    busy = total_compute + sum(exposed.values())
+    fraction = r.bubble["fraction"] if r.bubble else 0.0
+    step = busy / (1 - fraction)
+    peak = hw.rate(dtype, world)
+    return {"compute": compute, "compute_s": total_compute, "comm": comm, "exposed": exposed,
+            "bubble_s": step - busy, "bubble_fraction": fraction, "step_s": step,
+            "tokens_per_s": plan.global_tokens / step / world,
+            "mfu": r.flops["per_rank"] / step / peak, "peak": peak, "achieved": hw.achieved_fraction(dtype, dtype, world),
+            "linear_dtype": linear_dtype}
+
+
+def format_step_time(r: Report, hw, t: dict) -> str:
+    ms = lambda s: f"{s * 1e3:10.2f} ms"  # noqa: E731
+    out = [f"step time on {hw.name}: {hw.source}",
+           f"  compute     {ms(t['compute_s'])}   FLOPs at {t['achieved']:.0%} of the GEMM rate of their dtype "
+           f"(block matmuls in {t['linear_dtype']}; checkpointing's recompute included)"]
+    for part, s in t["compute"].items():
+        out.append(f"      {part:15s} {ms(s)}")
+    for group in DIM_NAMES:
+        keys = sorted(k for k in t["comm"] if k[0] == group)
+        if not keys:
+            continue
+        total, shown = sum(t["comm"][k] for k in keys), sum(t["exposed"][k] for k in keys)
+        kinds = ", ".join(f"{k[1]} {t['comm'][k] * 1e3:.2f} ms" for k in keys)
+        out.append(f"  {DIM_NAMES[group]:30s} {ms(total)}, exposed {ms(shown)}   ({kinds})")
+    exposed = sum(t["exposed"].values())
+    out.append(f"  communication exposed {ms(exposed)} of {ms(sum(t['comm'].values()))}"
+               + ("" if hw.overlap else " (this device runs no collective beside compute: all exposed)"))
+    if t["bubble_fraction"]:
+        out.append(f"  pipeline bubble {ms(t['bubble_s'])}   ({t['bubble_fraction']:.1%} of the step, simulated)")
+    out.append(f"  step        {ms(t['step_s'])}   {t['tokens_per_s']:,.0f} tokens/s per device, MFU "
+               f"{t['mfu']:.1%} of {t['peak'] / 1e12:.3g} TFLOP/s {r.cfg.training.dtype}")
+    return "\n".join(out)
+
+
+def memory_gib(r: Report) -> float:
+    """The most this rank holds: parameters, gradients, optimizer state, the activations
+    its schedule keeps in flight at its peak, and FSDP's gathered parameters."""
+    m = r.memory
+    acts = max((a["peak"] for a in r.activations.values()), default=0)
+    if r.bubble:
+        acts = max(acts, r.bubble["in_flight"] / r.bubble["v"] * sum(a["kept"] for a in r.activations.values()))
+    held = sum(h["kept"] + h["running"] for h in r.fsdp_held.values())
+    return (m["params"] + m["grads"] + m["optimizer"] + acts + held) / GIB
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Layout search
+
+
+def candidates(cfg: config.Config, world: int) -> list[list[str]]:
+    """Overrides of every layout of `world` ranks to try: degrees (powers dividing world),
+    async or sync TP, activation checkpointing none or full; the micro-batch is the
+    batch over the data-parallel degree (no accumulation). config.validate decides."""
+    def divisors(n):
+        return [k for k in range(1, n + 1) if n % k == 0]
+    out = []
+    for pp in divisors(world):
+        for dpr in divisors(world // pp):
+            for dps in divisors(world // pp // dpr):
+                for cp in divisors(world // pp // dpr // dps):
+                    tp = world // pp // dpr // dps // cp
+                    dp = dpr * dps
+                    if cfg.training.batch_size % dp:
+                        continue
+                    base = [f"parallel.pp={pp}", f"parallel.dp_replicate={dpr}", f"parallel.dp_shard={dps}",
+                            f"parallel.cp={cp}", f"parallel.tp={tp}",
+                            f"training.micro_batch_size={cfg.training.batch_size // dp}"]
+                    if pp > 1 and not cfg.parallel.pp_microbatches:
+                        base.append(f"parallel.pp_microbatches={2 * pp}")
+                    for async_tp in ((False, True) if tp > 1 else (False,)):
+                        for ac in ("none", "full"):
+                            out.append(base + [f"parallel.async_tp={str(async_tp).lower()}",
+                                               f"activation_checkpoint.mode={ac}"])
+    return out
+
+
+def search(cfg: config.Config, world: int, memory: float, hw, top: int = 10) -> list[dict]:
+    """The layouts config.validate accepts that fit in `memory` GiB, fastest first."""
+    found, refused, too_big = [], 0, 0
+    for overrides in candidates(cfg, world):
+        try:
+            c = config.with_overrides(cfg, overrides)
+            report = plan_rank(c, world)
+        except (ValueError, NotImplementedError):
+            refused += 1
+            continue
+        held = memory_gib(report)
+        if held > memory:
+            too_big += 1
+            continue
+        t = step_time(report, hw)
+        found.append({"layout": report.plan.layout, "overrides": overrides, "step_s": t["step_s"],
+                      "tokens_per_s": t["tokens_per_s"], "mfu": t["mfu"], "memory_gib": held,
+                      "ac": report.cfg.activation_checkpoint.mode, "async_tp": report.cfg.parallel.async_tp})
+    found.sort(key=lambda f: f["step_s"])
+    return found, refused, too_big
+
+
+def format_search(found: list[dict], refused: int, too_big: int, world: int, memory: float, hw, top: int) -> str:
+    out = [f"layouts of {world} ranks that fit in {memory:g} GiB on {hw.name}, fastest first "
+           f"({len(found)} fit; {too_big} need more memory; {refused} refused by config.validate):",
+           f"  {'#':>3} {'tokens/s/device':>16} {'step':>11} {'MFU':>6} {'memory':>10}  layout"]
+    for i, f in enumerate(found[:top]):
+        extra = (", async TP" if f["async_tp"] else "") + (", AC full" if f["ac"] == "full" else "")
+        out.append(f"  {i + 1:3d} {f['tokens_per_s']:16,.0f} {f['step_s'] * 1e3:8.1f} ms {f['mfu']:6.1%} "
+                   f"{f['memory_gib']:6.2f} GiB  {f['layout']}{extra}")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> Report:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML config file")
@@ -381,13 +572,29 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--rank", type=int, default=0, help="which rank to describe (default 0)")
     parser.add_argument("--out", help="also write the report as Markdown to this file (e.g. docs/planner.md), "
                         "stamped with the machine, the date and the command")
+    parser.add_argument("--hardware", choices=sorted(hardware.PROFILES),
+                        help="also predict the step time on this hardware (hardware.py: spec-sheet GPU profiles, "
+                        "or `measured`: this machine, microbenchmarked once and cached)")
+    parser.add_argument("--search", action="store_true", help="list the fastest layouts of --world-size ranks "
+                        "that fit in --memory-gib (needs --hardware)")
+    parser.add_argument("--memory-gib", type=float, default=80.0, help="memory per device for --search (default 80)")
+    parser.add_argument("--top", type=int, default=10, help="how many layouts --search lists (default 10)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=4")
     cli = parser.parse_args(argv)
     if cli.world_size < 1:
         raise ValueError(f"--world-size {cli.world_size} must be >= 1")
     cfg = config.load_config(cli.config, cli.overrides)
+    if cli.search:
+        if not cli.hardware:
+            raise ValueError("--search ranks layouts by predicted step time: give --hardware too")
+        hw = hardware.profile(cli.hardware)
+        found, refused, too_big = search(_planned_dtype(cfg), cli.world_size, cli.memory_gib, hw)
+        print(format_search(found, refused, too_big, cli.world_size, cli.memory_gib, hw, cli.top), flush=True)
+        return found
     report = plan_rank(cfg, cli.world_size, cli.rank)
     text = format_report(report)
+    if cli.hardware:
+        text += "\n\n" + format_step_time(report, (hw := hardware.profile(cli.hardware)), step_time(report, hw))
     print(text, flush=True)
     if cli.out:
         command = " ".join(["python planner.py", *(argv if argv is not None else sys.argv[1:])])

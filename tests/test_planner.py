@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import config
+import hardware
 import llama
 import parallelize
 import comm
@@ -365,3 +366,147 @@ def test_bad_input():
         planner.main(["--config", debug, "--world-size", "4", "parallel.tp=2", "parallel.dp_shard=4"])
     with pytest.raises(ValueError, match=r"--rank 4 is not in \[0, 4\)"):
         planner.main(["--config", debug, "--world-size", "4", "--rank", "4", "training.micro_batch_size=2"])
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Step time (planner.step_time, hardware.py)
+
+
+def _report(world: int, *overrides: str) -> planner.Report:
+    cfg = config.load_config(os.path.join(ROOT, "configs/debug.yaml"), [*MODEL, *overrides])
+    return planner.plan_rank(cfg, world)
+
+
+def test_step_time_adds_up():
+    """The step is compute plus exposed communication, stretched by the simulated bubble;
+    nothing is exposed beyond its time; on hardware without overlap all of it is."""
+    r = _report(8, "parallel.pp=2", "parallel.dp_shard=2", "parallel.tp=2", "parallel.async_tp=true",
+                "training.micro_batch_size=4", "parallel.pp_microbatches=4")
+    h100 = hardware.profile("h100")
+    t = planner.step_time(r, h100)
+    assert t["bubble_fraction"] == r.bubble["fraction"] > 0
+    busy = t["compute_s"] + sum(t["exposed"].values())
+    assert t["step_s"] == pytest.approx(busy / (1 - t["bubble_fraction"]), rel=1e-12)
+    assert all(0 <= t["exposed"][k] <= t["comm"][k] + 1e-15 for k in t["comm"])
+    assert sum(t["exposed"].values()) < sum(t["comm"].values())  # FSDP, async TP and PP hide some
+    assert t["tokens_per_s"] == pytest.approx(r.plan.global_tokens / t["step_s"] / 8)
+    no_overlap = hardware.profile("h100")
+    no_overlap.overlap = False
+    t2 = planner.step_time(r, no_overlap)
+    assert t2["exposed"] == t2["comm"] and t2["step_s"] > t["step_s"]
+
+
+def test_compute_follows_the_flops():
+    """Per-rank compute halves with twice the FSDP ranks; full checkpointing adds one
+    forward of the blocks (a third of their work); float8 runs the block matmuls at the
+    float8 rate; A100 has none and says so."""
+    h100 = hardware.profile("h100")
+    one, two = (planner.step_time(_report(w, f"parallel.dp_shard={w}", f"training.micro_batch_size={8 // w}"), h100)
+                for w in (1, 2))
+    assert two["compute_s"] == pytest.approx(one["compute_s"] / 2, rel=1e-12)
+    full = planner.step_time(_report(1, "activation_checkpoint.mode=full"), h100)
+    for part in ("block matmuls", "attention"):
+        assert full["compute"][part] == pytest.approx(one["compute"][part] * 4 / 3, rel=1e-12)
+    bf16, f8 = (planner.step_time(_report(1, "training.dtype=bfloat16", *more), h100)
+                for more in ([], ["float8.enabled=true"]))
+    rate = {d: h100.peak[d] * h100.achieved[d] for d in ("bfloat16", "float8")}  # 1.5x, stated in hardware.py
+    assert rate["float8"] == pytest.approx(1.5 * rate["bfloat16"], rel=0.01)
+    assert f8["compute"]["block matmuls"] == pytest.approx(bf16["compute"]["block matmuls"] * rate["bfloat16"]
+                                                           / rate["float8"], rel=1e-12)
+    assert f8["compute"]["attention"] == bf16["compute"]["attention"]
+    with pytest.raises(ValueError, match="no float8 GEMMs"):
+        planner.step_time(_report(1, "float8.enabled=true"), hardware.profile("a100"))
+
+
+def test_communication_time_inside_and_across_nodes():
+    """A group inside a node runs at NVLink's rate, one across nodes at the NIC's: the same
+    bytes take longer once the FSDP group spans nodes (16 ranks: 2 nodes of 8)."""
+    h100 = hardware.profile("h100")
+    nbytes = 1 << 30
+    inside = h100.collective_s("all_gather", 8, nbytes, 1, 8, intra_node=True)
+    across = h100.collective_s("all_gather", 8, nbytes, 1, 16, intra_node=False)
+    assert inside == pytest.approx(15e-6 + nbytes * 7 / (0.8 * 450e9))
+    assert across == pytest.approx(30e-6 + nbytes * 7 / (0.8 * 50e9))
+    t8 = planner.step_time(_report(8, "parallel.dp_shard=8", "training.micro_batch_size=1"), h100)
+    t16 = planner.step_time(_report(16, "parallel.dp_shard=16", "training.micro_batch_size=1",
+                                     "training.batch_size=16"), h100)
+    for t, r, n, latency, bw in ((t8, _report(8, "parallel.dp_shard=8", "training.micro_batch_size=1"), 8, 15e-6, 450e9),
+                                 (t16, _report(16, "parallel.dp_shard=16", "training.micro_batch_size=1",
+                                               "training.batch_size=16"), 16, 30e-6, 50e9)):
+        key = ("dp_shard_cp", "all_gather")
+        want = r.comm.calls[key] * latency + r.comm.bytes[key] * (n - 1) / (0.8 * bw)
+        assert t["comm"][key] == pytest.approx(want, rel=1e-12)
+
+
+def test_paper_configs_predict_on_h100():
+    """The README's figures: the 8B / 70B / 405B configs plan a step time on h100."""
+    h100 = hardware.profile("h100")
+    for name, world in (("llama3_8b", 8), ("llama3_70b", 256), ("llama3_405b", 512)):
+        cfg = config.load_config(os.path.join(ROOT, f"configs/{name}.yaml"), [])
+        t = planner.step_time(planner.plan_rank(cfg, world), h100)
+        assert 0 < t["mfu"] < 1 and t["tokens_per_s"] > 0, (name, t)
+
+
+def test_search_lists_layouts_that_validate_and_fit_fastest_first(capsys):
+    cfg = config.load_config(os.path.join(ROOT, "configs/debug.yaml"), MODEL)
+    h100 = hardware.profile("h100")
+    found, refused, too_big = planner.search(cfg, 4, 80.0, h100)
+    assert found and refused >= 0 and too_big == 0
+    assert [f["step_s"] for f in found] == sorted(f["step_s"] for f in found)
+    for f in found[:5]:  # each listed layout is one config.validate accepts, with that prediction
+        c = config.with_overrides(cfg, f["overrides"])
+        config.validate(c, 4)
+        assert planner.step_time(planner.plan_rank(c, 4), h100)["step_s"] == f["step_s"]
+    smallest = min(f["memory_gib"] for f in found)
+    tight, _, over = planner.search(cfg, 4, smallest * 0.999, h100)
+    assert len(tight) < len(found) and over > 0 and all(f["memory_gib"] <= smallest * 0.999 for f in tight)
+    planner.main(["--config", os.path.join(ROOT, "configs/debug.yaml"), "--world-size", "4", "--search",
+                  "--hardware", "h100", "--top", "3", *MODEL])
+    out = capsys.readouterr().out
+    assert "fastest first" in out and out.count("tokens/s") >= 1
+    with pytest.raises(ValueError, match="give --hardware"):
+        planner.main(["--config", os.path.join(ROOT, "configs/debug.yaml"), "--world-size", "4", "--search"])
+
+
+@pytest.mark.slow
+def test_predicted_step_times_within_25_percent_of_measured():
+    """Opt-in (-m slow; minutes, and timing: a busy machine moves it): with --hardware
+    measured, the predicted step time of each of bench/planner.py's LAYOUTS (every
+    technique) is within ±25% of the measured one on this machine."""
+    from bench import planner as bench_planner
+
+    rows = bench_planner.validate(hardware.measured(), 8)
+    assert len(rows) >= 12
+    bad = [r for r in rows if abs(r["error"]) > 0.25]
+    assert not bad, bad
+
+
+def test_measured_profile_shares_the_cores_and_looks_up_its_fits():
+    """`measured` arithmetic on a made-up profile of a 2-core machine: a rank of a 1-rank
+    job gets both threads, of 2 ranks one each, of 4 ranks half a core; collectives take
+    the fit of the nearest calibrated world at or above theirs, and a group size never
+    calibrated is an error naming what was."""
+    fits = {f"2,2,{kind}": [1e-3, 1e-9] for kind in ("all_gather", "reduce_scatter", "all_reduce", "send")}
+    fits |= {"4,2,all_gather": [2e-3, 2e-9], "4,2,send": [5e-4, 1e-9]}
+    hw = hardware.Hardware("measured", {"float32": {"1": 1e10, "2": 1.8e10}}, {"float32": {"1": 0.5, "2": 0.4}},
+                           "made up", overlap=False, ranks_per_node=2, cores=2, fits=fits)
+    assert [hw.threads(w) for w in (1, 2, 4)] == [2, 1, 1]
+    assert [hw.rate("float32", w) for w in (1, 2, 4)] == [1.8e10, 1e10, 0.5e10]
+    assert hw.compute_s(1e10, "float32", 4, "float32") == pytest.approx(1e10 / (0.5e10 * 0.5))
+    assert hw.collective_s("all_gather", 2, 1e6, 3, 2, True) == pytest.approx(3e-3 + 1e-3)
+    assert hw.collective_s("all_gather", 2, 1e6, 3, 3, True) == pytest.approx(6e-3 + 2e-3)  # world 3 -> 4's fit
+    assert hw.collective_s("send", 2, 1e6, 2, 4, True) == pytest.approx(1e-3 + 1e-3)
+    with pytest.raises(ValueError, match="no calibration of all_gather on 4 of 4 ranks"):
+        hw.collective_s("all_gather", 4, 1e6, 1, 4, True)
+    r = _report(2, "parallel.dp_shard=2", "training.micro_batch_size=4")
+    t = planner.step_time(r, hw)
+    assert t["exposed"] == t["comm"]  # gloo's threads share the cores: nothing hides
+
+
+def test_collective_calibration_runs():
+    """hardware.measured's gloo part on 2 ranks: a latency and a per-byte cost for each kind,
+    both finite and non-negative, the per-byte one positive for the 4 MiB messages."""
+    fits = hardware._run_world(2, hardware._collective_fits)
+    assert sorted(fits) == ["2,2,all_gather", "2,2,all_reduce", "2,2,reduce_scatter", "2,2,send"]
+    for latency, per_byte in fits.values():
+        assert 0 <= latency < 1 and 0 < per_byte < 1e-6
