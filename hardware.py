@@ -22,17 +22,22 @@ H200) or 200 Gb/s (A100) InfiniBand NIC per GPU, as in the paper's clusters):
 `measured`: this machine, for the planner's tests against real gloo steps:
     * GEMMs: 1024^3 matmuls in float32 and bfloat16, and torch._scaled_mm in float8, at 1
       thread and at every core (metrics.measure_gemm's protocol);
-    * achieved fraction: one process training the debug Llama (dim 256, 4 layers,
-      8 x 256 tokens, AdamW) for a few steps, model + recompute FLOPs over time, against
-      the GEMM rate of the same dtype and threads: it holds everything that is not a
-      GEMM (attention, norms, the optimizer, Python) as a share of the step;
+    * achieved fraction: train.py training the debug Llama (dim 256, 4 layers, 8 x 256
+      tokens, AdamW) as a 1-rank job, its model FLOPs over its step time against the
+      GEMM rate of the same dtype and threads, with as many such jobs at once as the
+      cores hold (one of every core's threads, or one per core of 1 thread, as a
+      job's ranks share the machine): everything that is not a GEMM (attention, norms,
+      the optimizer, the trainer, Python) and the ranks' contention, as a share of the
+      step; and the same with per-op selective checkpointing, whose extra time is its
+      cost. (So the one-process layout of the debug model is predicted from itself.)
     * collectives: gloo all-gather, reduce-scatter, all-reduce (groups of 2, 4 and 8)
       and send (pairs), timed with every rank of a world of 2, 4 or 8 processes busy in
       its own group at once (as in a training step), at two message sizes: a fit of
       seconds = calls x latency + bytes handed in / bandwidth per (world, group, kind);
     * a rank's compute: ranks get max(1, cores // world) threads each (as tests and
-      torchrun run them); with more ranks than cores they share the cores, each
-      running at cores / world of its rate.
+      torchrun run them); with more ranks than cores they take turns: a step takes at
+      least world / cores times a rank's compute (planner.step_time), while a rank
+      that waits (a pipeline bubble, a collective) lends its core to another.
     Cached in .cache/hardware.json per CPU model, core count and torch version; the
     first `measured` plan takes about a minute.
 """
@@ -75,18 +80,25 @@ class Hardware:
         return max(1, self.cores // world) if self.cores else 1
 
     def rate(self, dtype: str, world: int) -> float:
-        """GEMM FLOP/s one rank of a `world`-rank job gets in `dtype` (bfloat16, float32, float8)."""
+        """GEMM FLOP/s one rank of a `world`-rank job gets in `dtype` (bfloat16, float32,
+        float8) while it runs; with more ranks than cores (`measured`) they also take turns,
+        which planner.step_time adds."""
         if dtype not in self.peak:
             raise ValueError(f"--hardware {self.name}: no {dtype} GEMMs (it has {sorted(self.peak)})")
         peak = self.peak[dtype]
-        if not self.cores:
-            return peak
-        return peak[str(self.threads(world))] * min(1.0, self.cores / world)
+        return peak[str(self.threads(world))] if self.cores else peak
 
     def compute_s(self, flops: float, dtype: str, world: int, training_dtype: str) -> float:
         """Seconds for `flops` of one rank's work on GEMMs in `dtype`, at the fraction of
         the peak a training step achieves (achieved_fraction)."""
         return flops / (self.rate(dtype, world) * self.achieved_fraction(dtype, training_dtype, world))
+
+    def op_checkpoint_cost(self, world: int) -> float:
+        """What per-op selective checkpointing adds to a step's compute, as a fraction: it
+        recomputes the non-GEMM ops and routes every op through a dispatch mode. GPU
+        profiles: 5% (an assumption); `measured`: timed on the debug model."""
+        got = self.achieved["op_checkpoint"]
+        return got[str(self.threads(world))] if isinstance(got, dict) else got
 
     def achieved_fraction(self, dtype: str, training_dtype: str, world: int) -> float:
         """GPU profiles: per GEMM dtype (stated). `measured`: the fraction of the GEMM rate
@@ -125,7 +137,7 @@ def _calibrated_world(world: int, fits: dict) -> int:
 
 def _gpu(name: str, bf16: float, fp8: float | None, fp32: float, nvlink: float, nic: float) -> Hardware:
     peak = {"bfloat16": bf16, "float32": fp32} | ({"float8": fp8} if fp8 else {})
-    achieved = {"bfloat16": 0.35, "float32": 0.35, "float8": 0.35 * 1.5 / 2}
+    achieved = {"bfloat16": 0.35, "float32": 0.35, "float8": 0.35 * 1.5 / 2, "op_checkpoint": 0.05}
     return Hardware(name, peak, achieved, f"{name.upper()} SXM spec sheet (hardware.py): 35% of the bf16 peak "
                     "achieved, float8 GEMMs 1.5x bf16, NCCL at 80% of NVLink / InfiniBand",
                     overlap=True, intra_bw=0.8 * nvlink, inter_bw=0.8 * nic, intra_latency=15e-6,
@@ -189,10 +201,13 @@ def calibrate() -> dict:
             torch.set_num_threads(t)
             for dtype in GEMM_DTYPES:
                 peak.setdefault(dtype, {})[str(t)] = _gemm_rate(dtype)
-            for dtype in ("float32", "bfloat16"):
-                achieved.setdefault(dtype, {})[str(t)] = _training_rate(dtype) / peak[dtype][str(t)]
     finally:
         torch.set_num_threads(before)
+    for t in threads:  # cores // t 1-rank jobs of t threads at once, as a job's ranks share the cores
+        rates = _run_world(cores // t, _training_rates, threads=t, group=False)
+        achieved.setdefault("op_checkpoint", {})[str(t)] = rates.pop("op_checkpoint")
+        for dtype, rate in rates.items():
+            achieved.setdefault(dtype, {})[str(t)] = rate / peak[dtype][str(t)]
     fits = {}
     for world in (2, 4, 8):
         fits |= _run_world(world, _collective_fits)
@@ -217,29 +232,38 @@ def _gemm_rate(dtype: str) -> float:
     return 2 * n**3 / best
 
 
-def _training_rate(dtype: str, steps: int = 4) -> float:
-    """FLOP/s (llama.flops_per_token) of one process training the debug model."""
+# The calibration run: train.py on the debug model (dim 256, 4 layers, 8 x 256 tokens a step),
+# each process a 1-rank job of its own, as many at once as the cores hold.
+CALIBRATION = ["model.name=debug", "data.seq_len=256", "training.batch_size=8", "training.micro_batch_size=8",
+               "training.warmup_steps=0", "training.steps=8", "run.log_every=1", "run.eval_every=0",
+               "run.overwrite=true"]
+
+
+def _training_rates(rank: int, world: int) -> dict:
+    """FLOP/s of train.main's steps in float32 and bfloat16, and the share per-op selective
+    checkpointing adds to a float32 step."""
+    step = {name: _train_step_s(overrides) for name, overrides in (
+        ("float32", ["training.dtype=float32"]), ("bfloat16", ["training.dtype=bfloat16"]),
+        ("op", ["training.dtype=float32", "activation_checkpoint.mode=selective",
+                "activation_checkpoint.selective_option=op"]))}
     import llama
+
+    flops = llama.flops_per_token(llama.model_args("debug"), 256) * 8 * 256
+    return {"float32": flops / step["float32"], "bfloat16": flops / step["bfloat16"],
+            "op_checkpoint": step["op"] / step["float32"] - 1}
+
+
+def _train_step_s(overrides: list[str]) -> float:
+    """Median seconds per step of train.main (a 1-rank job of its own) from step 3 on."""
     import train
 
-    args, batch, seq = llama.model_args("debug"), 8, 256
-    torch.manual_seed(0)
-    model = llama.build_model(args, "cpu")
-    llama.init_weights(model, args, 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, args.vocab_size, (batch, seq + 1))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    times = []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
-        with autocast:
-            logits = model(tokens[:, :-1])
-        train.loss_fn(logits, tokens[:, 1:], batch * seq).backward()
-        train.clip_grad_norm(list(model.parameters()), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return llama.flops_per_token(args, seq) * batch * seq / statistics.median(times[2:])
+    root = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        records = train.main(["--config", os.path.join(root, "configs/debug.yaml"), *CALIBRATION, *overrides,
+                              f"run.dir={tmp}", f"data.cache_dir={os.path.join(root, '.cache/data')}",
+                              f"run.peak_cache={os.path.join(root, '.cache/peak_flops.json')}"])
+    elapsed = [r["elapsed_s"] for r in records]
+    return statistics.median(b - a for a, b in zip(elapsed[1:], elapsed[2:]))
 
 
 def _collective_fits(rank: int, world: int) -> dict:
@@ -282,22 +306,26 @@ def _issue(kind: str, x: torch.Tensor, group, n: int) -> None:
             w.wait()
 
 
-def _worker(rank: int, world: int, store_path: str, fn, queue) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+def _worker(rank: int, world: int, store_path: str, fn, queue, threads: int, group: bool) -> None:
+    torch.set_num_threads(threads)
+    if group:
+        dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     try:
         result = fn(rank, world)
         if rank == 0:
             queue.put(result)
     finally:
-        dist.destroy_process_group()
+        if group:
+            dist.destroy_process_group()
 
 
-def _run_world(world: int, fn) -> dict:
+def _run_world(world: int, fn, threads: int = 1, group: bool = True) -> dict:
+    """fn(rank, world) on `world` fresh processes of `threads` threads, in one gloo group
+    (or none: each runs alone); rank 0's result."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "store"), fn, queue))
+        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "store"), fn, queue, threads, group))
                  for r in range(world)]
         for p in procs:
             p.start()

@@ -511,12 +511,15 @@ def format_schedule(actions: list[list[Action]], compute_only: bool = True) -> s
                      for r, order in enumerate(actions))
 
 
-def simulate(actions: list[list[Action]], n_stages: int, cost: dict[str, int] | None = None) -> dict:
+def simulate(actions: list[list[Action]], n_stages: int, cost: dict[str, int] | None = None,
+             stage_scale: list[float] | None = None) -> dict:
     """Replay the compute actions with unit costs (F 1, B 2, I 1, W 1) and free
     communication: makespan, busy and idle time per rank, and per rank the peak number of
     (stage, micro-batch) forwards in flight (weight gradient not done) and holding their
     stage activations (B or I not done); with v stages per rank each counts A / v.
-    `times`: per rank, (action, start, end) of each compute action, what `draw` shows."""
+    `times`: per rank, (action, start, end) of each compute action, what `draw` shows.
+    stage_scale: each stage's actions cost that many times the unit costs (stages of
+    unequal work, e.g. the last one with the output layer: the planner's step time)."""
     cost = cost or {"F": 1, "B": 2, "I": 1, "W": 1}
     pp = len(actions)
     orders = [[a for a in order if a.kind in COMPUTE] for order in actions]
@@ -544,7 +547,7 @@ def simulate(actions: list[list[Action]], n_stages: int, cost: dict[str, int] | 
             if not all(d in end for d in deps):
                 continue
             start = max([clock[r]] + [end[d] for d in deps])
-            clock[r] = end[(a.kind, a.stage, a.mb)] = start + cost[a.kind]
+            clock[r] = end[(a.kind, a.stage, a.mb)] = start + cost[a.kind] * (stage_scale[a.stage] if stage_scale else 1)
             times[r].append((a, start, clock[r]))
             if a.kind == "F":
                 in_flight[r] += 1

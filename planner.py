@@ -1,7 +1,8 @@
 """Dry-run planner: what one rank of a layout holds, computes and sends per step, on paper.
 
     python planner.py --config configs/llama3_405b.yaml --world-size 512 [--rank R]
-    python planner.py --config configs/llama3_8b.yaml --world-size 64      # the same
+    python planner.py --config configs/llama3_70b.yaml --world-size 256 --hardware h100   # + step time
+    python planner.py --config configs/debug.yaml --world-size 8 --search --hardware measured --memory-gib 4
 
 What it does
     Validates the config for the requested world size, starts a FAKE process group of
@@ -16,8 +17,31 @@ What it does
       * bytes per step for every collective on every parallel dimension, found by
         walking this rank's pipeline actions (or micro-steps) through what each technique
         file issues per forward / backward / gather, with the formula of each;
-      * the pipeline bubble of the schedule (simulated, and the closed form).
+      * the pipeline bubble of the schedule (simulated, and the closed form);
+      * with --hardware (hardware.py: h100, h200, a100 from spec sheets, or `measured`,
+        this machine microbenchmarked once): the step time (step_time, below);
+      * with --search: every layout of the world size that config.validate accepts and
+        that fits in --memory-gib, fastest first (search).
     No GPU, no memory, seconds on a laptop, even for 405B on 512 ranks.
+
+Step time (step_time), per step of one rank:
+    compute    each part's FLOPs (the blocks' linears, in float8 when on; attention; the
+               output projection; checkpointing's recomputed forward) at the achieved
+               fraction of the device's GEMM rate in that dtype; per-op checkpointing
+               adds its measured (or assumed) cost
+    comm       every collective of the bytes above: calls x latency + bytes x ring factor /
+               bandwidth (NVLink inside a node, the NIC across: groups by their ranks), or
+               `measured`'s fitted gloo costs
+    exposed    what compute does not hide, on hardware that overlaps (GPUs): FSDP's
+               gathers and reduce-scatters behind all compute but the first unit's gather,
+               async TP's ring sends behind the block matmuls, ring attention's sends behind
+               attention, the pipeline's sends behind compute; the rest (sync TP, HSDP's
+               all-reduce, all-gather CP, the clipping and loss all-reduces) in full
+    pipeline   the schedule simulated with each stage's share of the work (the last
+               stage holds the output layer), its makespan the step
+    cores      `measured` with more ranks than cores: at least world / cores x compute
+    The result: step, tokens/s per device, MFU against the dtype's peak. Checked against
+    real steps on this machine by bench/planner.py (and tests/test_planner.py, -m slow).
 
 Conventions
     Bytes of a collective are those handed to it (comm.py's docstring); tests/test_planner.py
@@ -201,19 +225,23 @@ def activations(cfg: config.Config, plan: config.Plan, stage) -> dict:
 # 2. FLOPs and the pipeline bubble
 
 
+def recompute_share(cfg: config.Config, args: llama.ModelArgs) -> float:
+    """The share of the blocks whose forward checkpointing runs again in backward."""
+    ac = cfg.activation_checkpoint
+    if ac.mode == "full":
+        return 1.0
+    if ac.mode == "selective" and ac.selective_option != "op":
+        return (args.n_layers // ac.selective_option) / args.n_layers
+    return 0.0  # none, or op-level: only norms, RoPE and activations are recomputed
+
+
 def flops(cfg: config.Config, plan: config.Plan) -> dict:
     """Model FLOPs per step per rank (6 N + 12 L H hd S per token, llama.flops_per_token,
     spread evenly over the ranks) and with checkpointing's recomputed forwards."""
     args, world = plan.model_args, math.prod(plan.degrees.values())
     fpt = llama.flops_per_token(args, cfg.data.seq_len)
     per_rank = fpt * plan.global_tokens / world
-    ac = cfg.activation_checkpoint
-    if ac.mode == "full":
-        share = 1.0
-    elif ac.mode == "selective" and ac.selective_option != "op":
-        share = (args.n_layers // ac.selective_option) / args.n_layers
-    else:
-        share = 0.0  # op-level: only norms, RoPE and activations are recomputed
+    share = recompute_share(cfg, args)
     block = 6 * (llama.num_params(args) - 2 * args.vocab_size * args.dim - args.dim) \
         + 12 * args.n_layers * args.n_heads * args.head_dim * cfg.data.seq_len  # the blocks' share of fpt
     recompute = share * block / 3 * plan.global_tokens / world  # one more forward of those blocks
@@ -408,6 +436,32 @@ def compute_split(cfg: config.Config, plan: config.Plan) -> dict[str, float]:
             "output": 6 * args.vocab_size * args.dim * tokens}
 
 
+def stage_flops(cfg: config.Config, plan: config.Plan) -> list[float]:
+    """Model FLOPs per token of each pipeline stage, with checkpointing's recompute: its
+    blocks' linears and attention, and on the last stage the output projection (for a
+    small model a large share: the last stage is the slowest)."""
+    args, p = plan.model_args, cfg.parallel
+    n_stages = plan.degrees["pp"] * p.pp_stages_per_rank
+    layer = 6 * (llama.num_params(args) - 2 * args.vocab_size * args.dim - args.dim) / args.n_layers \
+        + 12 * args.n_heads * args.head_dim * cfg.data.seq_len
+    layer *= 1 + recompute_share(cfg, args) / 3  # one more forward of a checkpointed block
+    split = pipeline.split_layers(args.n_layers, n_stages, p.pp_split_points)
+    return [len(layers) * layer + (6 * args.vocab_size * args.dim if s == n_stages - 1 else 0)
+            for s, layers in enumerate(split)]
+
+
+def pipeline_makespan(cfg: config.Config, plan: config.Plan, busy: float) -> float:
+    """The step of a pipeline whose average rank is busy `busy` seconds: the schedule
+    simulated with each stage's actions scaled by its share of the FLOPs (stage_flops),
+    so the slowest stage sets the pace."""
+    p, pp = cfg.parallel, plan.degrees["pp"]
+    m, v = p.pp_microbatches or pp, p.pp_stages_per_rank
+    work = stage_flops(cfg, plan)
+    unit = busy / (3 * m * v)  # one forward of an average stage: a rank runs m v (F + B) = 3 m v units
+    scale = [unit * w * len(work) / sum(work) for w in work]
+    return pipeline.simulate(pipeline.SCHEDULES[p.pp_schedule](pp, m, v), pp * v, stage_scale=scale)["makespan"]
+
+
 def _group_ranks(plan: config.Plan, group: str, rank: int) -> list[int]:
     if group == "world":
         return list(range(math.prod(plan.degrees.values())))
@@ -427,6 +481,9 @@ def step_time(r: Report, hw) -> dict:
     linear_dtype = "float8" if cfg.float8.enabled else dtype
     compute = {part: hw.compute_s(f, linear_dtype if part == "block matmuls" else dtype, world, dtype)
                for part, f in parts.items()}
+    ac = cfg.activation_checkpoint
+    if ac.mode == "selective" and ac.selective_option == "op":
+        compute["op-level recompute"] = hw.op_checkpoint_cost(world) * sum(compute.values())
     total_compute = sum(compute.values())
 
     steps = collections.Counter(r.comm.calls)
@@ -456,11 +513,13 @@ def step_time(r: Report, hw) -> dict:
         for k in fsdp:
             exposed[k] = hidden_share * comm[k] / total if total else 0.0
     busy = total_compute + sum(exposed.values())
-    fraction = r.bubble["fraction"] if r.bubble else 0.0
-    step = busy / (1 - fraction)
+    piped = pipeline_makespan(cfg, plan, busy) if r.bubble else busy
+    step = piped
+    if hw.cores and world > hw.cores:  # ranks take turns on the cores; a waiting rank lends its core
+        step = max(piped, total_compute * world / hw.cores + sum(exposed.values()))
     peak = hw.rate(dtype, world)
     return {"compute": compute, "compute_s": total_compute, "comm": comm, "exposed": exposed,
-            "bubble_s": step - busy, "bubble_fraction": fraction, "step_s": step,
+            "bubble_s": piped - busy, "bubble_fraction": 1 - busy / piped, "sharing_s": step - piped, "step_s": step,
             "tokens_per_s": plan.global_tokens / step / world,
             "mfu": r.flops["per_rank"] / step / peak, "peak": peak, "achieved": hw.achieved_fraction(dtype, dtype, world),
             "linear_dtype": linear_dtype}
@@ -484,7 +543,11 @@ def format_step_time(r: Report, hw, t: dict) -> str:
     out.append(f"  communication exposed {ms(exposed)} of {ms(sum(t['comm'].values()))}"
                + ("" if hw.overlap else " (this device runs no collective beside compute: all exposed)"))
     if t["bubble_fraction"]:
-        out.append(f"  pipeline bubble {ms(t['bubble_s'])}   ({t['bubble_fraction']:.1%} of the step, simulated)")
+        out.append(f"  pipeline bubble {ms(t['bubble_s'])}   ({t['bubble_fraction']:.1%} of the pipeline's makespan, "
+                   "simulated with each stage's work)")
+    if t["sharing_s"]:
+        out.append(f"  sharing cores   {ms(t['sharing_s'])}   ({math.prod(r.plan.degrees.values())} ranks take turns "
+                   f"on {hw.cores} cores)")
     out.append(f"  step        {ms(t['step_s'])}   {t['tokens_per_s']:,.0f} tokens/s per device, MFU "
                f"{t['mfu']:.1%} of {t['peak'] / 1e12:.3g} TFLOP/s {r.cfg.training.dtype}")
     return "\n".join(out)

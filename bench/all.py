@@ -20,7 +20,8 @@ import traceback
 from bench import common
 
 BENCHES = {"mfu": "MFU", "fsdp": "FSDP", "tp": "TP", "async_tp": "async TP", "float8": "float8",
-           "checkpoint": "checkpoint", "pp": "PP", "cp": "CP", "fsdp_pp": "FSDP x PP"}  # module -> its rows' technique
+           "checkpoint": "checkpoint", "pp": "PP", "cp": "CP", "fsdp_pp": "FSDP x PP",
+           "planner": "planner"}  # module -> its rows' technique
 
 READING = ("Each row: ours against the peer (PyTorch's own implementation, or the stated baseline) on the same "
            "model, ranks and machine in one run, interleaved. Times: median (min). A ratio is ours / peer given "

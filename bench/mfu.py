@@ -38,13 +38,16 @@ MODELS = {  # name -> (label, model args, batch, seq)
 QUICK = dict(steps=1, warmup=0, models=["tiny"])
 
 
-def step(model, optimizer, tokens: torch.Tensor, autocast) -> None:
+def step(model, optimizer, tokens: torch.Tensor, autocast) -> torch.Tensor:
+    """One training step on `tokens` (B, S + 1); returns the loss (detached, not synced)."""
     with autocast():
         logits = model(tokens[:, :-1])
-    train.loss_fn(logits, tokens[:, 1:], tokens[:, 1:].numel()).backward()
+    loss = train.loss_fn(logits, tokens[:, 1:], tokens[:, 1:].numel())
+    loss.backward()
     train.clip_grad_norm(list(model.parameters()), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def breakdown(run) -> tuple[float, float]:
