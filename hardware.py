@@ -86,7 +86,7 @@ class Hardware:
         if dtype not in self.peak:
             raise ValueError(f"--hardware {self.name}: no {dtype} GEMMs (it has {sorted(self.peak)})")
         peak = self.peak[dtype]
-        return peak[str(self.threads(world))] if self.cores else peak
+        return _at(peak, self.threads(world)) if self.cores else peak
 
     def compute_s(self, flops: float, dtype: str, world: int, training_dtype: str) -> float:
         """Seconds for `flops` of one rank's work on GEMMs in `dtype`, at the fraction of
@@ -98,13 +98,13 @@ class Hardware:
         recomputes the non-GEMM ops and routes every op through a dispatch mode. GPU
         profiles: 5% (an assumption); `measured`: timed on the debug model."""
         got = self.achieved["op_checkpoint"]
-        return got[str(self.threads(world))] if isinstance(got, dict) else got
+        return _at(got, self.threads(world)) if isinstance(got, dict) else got
 
     def achieved_fraction(self, dtype: str, training_dtype: str, world: int) -> float:
         """GPU profiles: per GEMM dtype (stated). `measured`: the fraction of the GEMM rate
         a whole training step of `training_dtype` ran at, on this many threads."""
         if self.cores:
-            return self.achieved[training_dtype][str(self.threads(world))]
+            return _at(self.achieved[training_dtype], self.threads(world))
         return self.achieved[dtype]
 
     def collective_s(self, kind: str, n: int, nbytes: float, calls: int, world: int, intra_node: bool) -> float:
@@ -122,6 +122,13 @@ class Hardware:
         bw, latency = (self.intra_bw, self.intra_latency) if intra_node else (self.inter_bw, self.inter_latency)
         wire = {"all_gather": n - 1, "reduce_scatter": (n - 1) / n, "all_reduce": 2 * (n - 1) / n}.get(kind, 1)
         return calls * latency + nbytes * wire / bw
+
+
+def _at(by_threads: dict, threads: int) -> float:
+    """A `measured` figure for `threads` threads: calibrated at 1 and at every core, so the
+    nearest calibrated count at or below it (else the least)."""
+    counts = sorted(int(k) for k in by_threads)
+    return by_threads[str(max([c for c in counts if c <= threads], default=counts[0]))]
 
 
 def _fit_kind(kind: str) -> str:

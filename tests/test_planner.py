@@ -509,6 +509,8 @@ def test_measured_profile_shares_the_cores_and_looks_up_its_fits():
                            "made up", overlap=False, ranks_per_node=2, cores=2, fits=fits)
     assert [hw.threads(w) for w in (1, 2, 4)] == [2, 1, 1]
     assert [hw.rate("float32", w) for w in (1, 2, 4)] == [1.8e10, 1e10, 1e10]
+    many = hardware.Hardware("measured", {"float32": {"1": 1e10, "16": 9e10}}, {}, "made up", overlap=False, cores=16)
+    assert [many.rate("float32", w) for w in (1, 4, 16)] == [9e10, 1e10, 1e10]  # 4 threads: the 1-thread figure
     assert hw.compute_s(1e10, "float32", 4, "float32") == pytest.approx(1e10 / (1e10 * 0.5))
     assert hw.collective_s("all_gather", 2, 1e6, 3, 2, True) == pytest.approx(3e-3 + 1e-3)
     assert hw.collective_s("all_gather", 2, 1e6, 3, 3, True) == pytest.approx(6e-3 + 2e-3)  # world 3 -> 4's fit
