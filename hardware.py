@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import llama
 import metrics
 
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "hardware.json")
@@ -223,20 +224,8 @@ def calibrate() -> dict:
 
 
 def _gemm_rate(dtype: str) -> float:
-    if dtype != "float8":
-        return metrics.measure_gemm({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
-    n = 1024
-    a = torch.randn(n, n).to(torch.float8_e4m3fn)
-    b = torch.randn(n, n).to(torch.float8_e4m3fn).t()
-    one = torch.ones(())
-    run = lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.float32)  # noqa: E731
-    run()
-    best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < 0.5:
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return metrics.measure_gemm({"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                 "float8": torch.float8_e4m3fn}[dtype])
 
 
 # The calibration run: train.py on the debug model (dim 256, 4 layers, 8 x 256 tokens a step),
@@ -253,8 +242,6 @@ def _training_rates(rank: int, world: int) -> dict:
         ("float32", ["training.dtype=float32"]), ("bfloat16", ["training.dtype=bfloat16"]),
         ("op", ["training.dtype=float32", "activation_checkpoint.mode=selective",
                 "activation_checkpoint.selective_option=op"]))}
-    import llama
-
     flops = llama.flops_per_token(llama.model_args("debug"), 256) * 8 * 256
     return {"float32": flops / step["float32"], "bfloat16": flops / step["bfloat16"],
             "op_checkpoint": step["op"] / step["float32"] - 1}

@@ -496,22 +496,18 @@ def step_time(r: Report, hw) -> dict:
         ranks = _group_ranks(plan, group, r.rank)
         intra = len({g // hw.ranks_per_node for g in ranks}) == 1
         comm[group, kind] = hw.collective_s(kind, len(ranks), nbytes[group, kind], calls, world, intra)
-    fsdp = [k for k in comm if HIDDEN_BEHIND.get(k) == "all" and k[0] == "dp_shard_cp"]
     for key, t in comm.items():
         behind = HIDDEN_BEHIND.get(key) if hw.overlap else None
-        if behind is None:
-            exposed[key] = t
-        elif key in fsdp:  # shared below
-            continue
-        else:
-            exposed[key] = max(0.0, t - (total_compute if behind == "all" else compute[behind]))
-    if fsdp:
+        hiding = 0.0 if behind is None else total_compute if behind == "all" else compute[behind]
+        exposed[key] = max(0.0, t - hiding)
+    fsdp = [k for k in comm if k[0] == "dp_shard_cp" and k in HIDDEN_BEHIND]
+    if hw.overlap and fsdp:  # gathers and reduce-scatters share the compute; the first unit's gather shows
         total = sum(comm[k] for k in fsdp)
         gathers = r.comm.calls.get(("dp_shard_cp", "all_gather"), 0)
-        first = comm.get(("dp_shard_cp", "all_gather"), 0.0) / gathers if gathers else 0.0  # one unit's gather
-        hidden_share = max(first, total - total_compute) if hw.overlap else total
+        first = comm.get(("dp_shard_cp", "all_gather"), 0.0) / gathers if gathers else 0.0
+        shown = max(first, total - total_compute)
         for k in fsdp:
-            exposed[k] = hidden_share * comm[k] / total if total else 0.0
+            exposed[k] = shown * comm[k] / total if total else 0.0
     busy = total_compute + sum(exposed.values())
     piped = pipeline_makespan(cfg, plan, busy) if r.bubble else busy
     step = piped
